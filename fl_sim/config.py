@@ -1,0 +1,300 @@
+"""The experiments.yaml schema: validated with pydantic, expanded into one config per run.
+
+A study file has four top-level keys:
+
+    study:     name of the study (the folder under the output directory)
+    data:      dataset, root, image size, partition, global test set (shared by all runs)
+    defaults:  one run's settings (rounds, epochs, batch size, model, optimizer, strategy, ...)
+    grid:      lists of alternatives for any key of `defaults`, expanded as a product
+
+Unknown keys are rejected with their path named; numbers are range-checked.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from fl_sim.errors import FlSimError
+
+
+class Strict(BaseModel):
+    """Base model: unknown keys are errors, values are re-validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+class SplitFractions(Strict):
+    """How each client's data is split (fractions of its images, by lesion)."""
+
+    train: float = Field(0.6, gt=0, lt=1)
+    val: float = Field(0.2, gt=0, lt=1)
+    test: float = Field(0.2, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _sums_to_one(self) -> SplitFractions:
+        total = self.train + self.val + self.test
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"train + val + test must sum to 1, got {total:g}")
+        return self
+
+
+class PartitionConfig(Strict):
+    """Which client holds which lesions. Every method groups images by lesion_id."""
+
+    method: Literal["random", "dirichlet", "site"] = "random"
+    num_clients: int = Field(3, ge=1, le=1000, description="ignored by `site` (one client per site)")
+    alpha: float = Field(0.5, gt=0, description="Dirichlet concentration (dirichlet only)")
+    seed: int = Field(0, ge=0, description="fixed across runs so that runs compare on one split")
+    splits: SplitFractions = SplitFractions()
+
+
+class GlobalTestConfig(Strict):
+    """The server's test set: a lesion-grouped hold-out, or the official ISIC 2018 Task 3 test."""
+
+    source: Literal["holdout", "isic2018"] = "holdout"
+    fraction: float = Field(0.15, gt=0, lt=1, description="holdout only")
+    root: Path | None = Field(
+        None,
+        description="isic2018: folder with ISIC2018_Task3_Test_GroundTruth.csv and the images",
+    )
+
+    @model_validator(mode="after")
+    def _root_for_isic(self) -> GlobalTestConfig:
+        if self.source == "isic2018" and self.root is None:
+            raise ValueError("source 'isic2018' needs `root`: the folder of the ISIC 2018 test set")
+        return self
+
+
+class SyntheticConfig(Strict):
+    """Procedural lesion-like images in HAM10000's schema (offline default)."""
+
+    num_images: int = Field(1400, ge=70, le=200_000)
+
+
+class DataConfig(Strict):
+    dataset: Literal["ham10000", "dermamnist", "synthetic"] = "synthetic"
+    root: Path | None = Field(None, description="local copy of the dataset (not for synthetic)")
+    image_size: int = Field(64, ge=8, le=1024, description="side of the square images the cache holds")
+    resize: Literal["crop", "pad"] = Field(
+        "crop", description="crop: resize the short side then center-crop; pad: fit inside, pad black"
+    )
+    max_images: int | None = Field(
+        None, ge=10, description="use a lesion-grouped, label-stratified subset (quick tests)"
+    )
+    dermamnist_size: Literal[28, 64, 128, 224] = 224
+    synthetic: SyntheticConfig = SyntheticConfig()
+    cache_dir: Path | None = Field(
+        None, description="decoded-image cache; default $FL_SIM_CACHE or ~/.cache/fl-sim"
+    )
+    partition: PartitionConfig = PartitionConfig()
+    global_test: GlobalTestConfig = GlobalTestConfig()
+
+    @model_validator(mode="after")
+    def _root_for_real_data(self) -> DataConfig:
+        if self.dataset == "ham10000" and self.root is None:
+            raise ValueError(
+                "dataset 'ham10000' needs `root`: the folder holding HAM10000_metadata.csv"
+            )
+        return self
+
+
+# ----------------------------------------------------------------------------- one run
+
+
+class ModelConfig(Strict):
+    name: str = Field("convnext_t", description="a short name of the registry or any timm name")
+    pretrained: bool | Path = Field(
+        False, description="true: timm/hub weights; false: random init; a path: a local weights file"
+    )
+    input_size: int | None = Field(
+        None, ge=8, le=1024, description="model input side; default: the dataset's image_size"
+    )
+    normalize: Literal["model", "imagenet", "none"] = Field(
+        "model", description="model: mean/std from the model's pretrained config"
+    )
+    kwargs: dict[str, Any] = Field({}, description="passed to timm.create_model (drop_path_rate, ...)")
+
+
+class OptimizerConfig(Strict):
+    """Name plus the paper's defaults; any value set here overrides the default."""
+
+    name: Literal["sgd", "adam", "adamw", "adagrad", "adadelta"] = "sgd"
+    lr: float | None = Field(None, gt=0)
+    weight_decay: float | None = Field(None, ge=0)
+    momentum: float | None = Field(None, ge=0, lt=1, description="sgd only")
+    betas: tuple[float, float] | None = Field(None, description="adam/adamw only")
+
+
+class StrategyConfig(Strict):
+    name: Literal[
+        "fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedavgm",
+        "fedmedian", "fedtrimmedavg", "krum",
+    ] = "fedavg"
+    weighting: Literal["examples", "uniform"] = Field(
+        "examples", description="examples: weight by num-examples; uniform: the paper's eq. (3)"
+    )
+    proximal_mu: float | None = Field(None, ge=0, description="fedprox (default 0.01)")
+    params: dict[str, float | int] = Field(
+        {}, description="other constructor arguments of the Flower strategy (eta, beta_1, ...)"
+    )
+
+    @model_validator(mode="after")
+    def _mu_only_for_fedprox(self) -> StrategyConfig:
+        if self.proximal_mu is not None and self.name != "fedprox":
+            raise ValueError(f"proximal_mu is a fedprox parameter, not one of {self.name!r}")
+        return self
+
+
+class ResourcesConfig(Strict):
+    """Per simulated client, handed to Flower's Ray backend (scheduling hints, not limits)."""
+
+    num_cpus: float = Field(1, gt=0)
+    num_gpus: float = Field(0.0, ge=0, description="fractions pack several clients on one GPU")
+
+
+class RunConfig(Strict):
+    """Everything one run needs; `defaults` in experiments.yaml, varied by `grid`."""
+
+    rounds: int = Field(3, ge=1, le=10_000)
+    local_epochs: int = Field(1, ge=1, le=1000)
+    batch_size: int = Field(32, ge=1, le=4096)
+    eval_batch_size: int = Field(128, ge=1, le=16_384)
+    model: ModelConfig = ModelConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    strategy: StrategyConfig = StrategyConfig()
+    training: Literal["supervised"] = "supervised"
+    augment: bool = Field(True, description="random flips and 90-degree rotations of training batches")
+    selection_metric: Literal["acc", "bacc", "precision", "recall", "f1", "avg", "loss"] = Field(
+        "avg", description="validation metric that picks the best round (never test)"
+    )
+    resources: ResourcesConfig = ResourcesConfig()
+    seed: int = Field(0, ge=0)
+
+
+class StudyConfig(Strict):
+    study: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$")
+    out: Path = Field(Path("runs"), description="output directory; runs land in <out>/<study>/")
+    data: DataConfig = DataConfig()
+    defaults: RunConfig = RunConfig()
+    grid: dict[str, list[Any]] = Field({}, description="key of `defaults` -> alternatives")
+
+    @model_validator(mode="after")
+    def _grid_keys_exist(self) -> StudyConfig:
+        for key, values in self.grid.items():
+            if key not in RunConfig.model_fields:
+                raise ValueError(
+                    f"grid key {key!r} is not a run setting; use one of: "
+                    + ", ".join(RunConfig.model_fields)
+                )
+            if not values:
+                raise ValueError(f"grid.{key} is an empty list")
+        return self
+
+
+class Run(BaseModel):
+    """One expanded run of a study: its name and its settings."""
+
+    name: str
+    config: RunConfig
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_study(
+    path: str | Path, *, data_root: str | Path | None = None, out: str | Path | None = None
+) -> StudyConfig:
+    """Read and validate a study file; CLI overrides win over the file."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise FlSimError(f"config file {path} not found: check the path.") from None
+    except yaml.YAMLError as err:
+        raise FlSimError(f"{path} is not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise FlSimError(f"{path} must hold a mapping with keys study, data, defaults, grid.")
+    if data_root is not None:
+        raw.setdefault("data", {})["root"] = str(data_root)
+    if out is not None:
+        raw["out"] = str(out)
+    try:
+        study = StudyConfig.model_validate(raw)
+        expand_grid(study)  # every grid value must make a valid run
+    except ValidationError as err:
+        raise FlSimError(f"{path} is not a valid study:\n{format_validation_error(err)}") from None
+    return study
+
+
+def format_validation_error(err: ValidationError) -> str:
+    """One line per problem, each with its dotted key path."""
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        msg = "unknown key (check its spelling)" if e["type"] == "extra_forbidden" else e["msg"]
+        value = "" if e["type"] == "extra_forbidden" else f" (got {e.get('input')!r})"
+        lines.append(f"  - {loc or '<top>'}: {msg}{value}")
+    return "\n".join(lines)
+
+
+def expand_grid(study: StudyConfig) -> list[Run]:
+    """The product of the grid's alternatives over the defaults, each with a readable name."""
+    keys = list(study.grid)
+    base = study.defaults.model_dump()
+    runs = []
+    for combo in itertools.product(*(study.grid[k] for k in keys)):
+        raw = dict(base)
+        for key, value in zip(keys, combo):
+            # A sub-config (model, optimizer, strategy, ...) is updated, not replaced: a
+            # scalar alternative sets its name, a mapping sets the keys it names.
+            if isinstance(base[key], dict):
+                update = value if isinstance(value, dict) else {"name": value}
+                raw[key] = {**base[key], **update}
+            else:
+                raw[key] = value
+        try:
+            config = RunConfig.model_validate(raw)
+        except ValidationError as err:
+            raise ValidationError.from_exception_data(
+                "grid", [{**e, "loc": ("grid", *e["loc"])} for e in err.errors()]
+            ) from None
+        extras = [f"{k}{v:g}" if isinstance(v, float) else f"{k}{v}" for k, v in zip(keys, combo)
+                  if k not in NAMED_KEYS and not isinstance(v, (dict, list))]
+        runs.append(Run(name="_".join([run_name(config), *extras]), config=config))
+    names = [r.name for r in runs]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise FlSimError(f"the grid gives several runs the same name: {', '.join(dupes)}")
+    return runs
+
+
+NAMED_KEYS = {"strategy", "model", "optimizer", "training", "seed"}  # already in run_name
+
+
+def run_name(cfg: RunConfig) -> str:
+    """Stable, readable, e.g. `fedprox-mu0.01_convnext_t_sgd_s0`."""
+    strategy = cfg.strategy.name
+    if cfg.strategy.name == "fedprox":
+        strategy += f"-mu{proximal_mu(cfg.strategy):g}"
+    if cfg.strategy.weighting == "uniform":
+        strategy += "-uniform"
+    model = cfg.model.name.replace("/", "-")
+    optimizer = cfg.optimizer.name
+    if cfg.optimizer.lr is not None:
+        optimizer += f"-lr{cfg.optimizer.lr:g}"
+    parts = [strategy, model, optimizer]
+    if cfg.training != "supervised":
+        parts.append(cfg.training)
+    return "_".join(parts) + f"_s{cfg.seed}"
+
+
+def proximal_mu(strategy: StrategyConfig) -> float:
+    return 0.01 if strategy.proximal_mu is None else strategy.proximal_mu

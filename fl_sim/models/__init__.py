@@ -1,0 +1,5 @@
+"""Models: the backbone registry over timm."""
+
+from fl_sim.models.registry import PAPER_BACKBONES, create_model, normalization, timm_name
+
+__all__ = ["PAPER_BACKBONES", "create_model", "normalization", "timm_name"]

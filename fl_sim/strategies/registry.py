@@ -1,0 +1,57 @@
+"""Flower's message-API strategies by name, configured from experiments.yaml."""
+
+from __future__ import annotations
+
+import inspect
+
+from flwr.serverapp import strategy as fl
+
+from fl_sim.config import StrategyConfig, proximal_mu
+from fl_sim.errors import FlSimError
+
+STRATEGIES: dict[str, type[fl.FedAvg]] = {
+    "fedavg": fl.FedAvg,
+    "fedprox": fl.FedProx,
+    "fedadam": fl.FedAdam,
+    "fedyogi": fl.FedYogi,
+    "fedadagrad": fl.FedAdagrad,
+    "fedavgm": fl.FedAvgM,
+    "fedmedian": fl.FedMedian,
+    "fedtrimmedavg": fl.FedTrimmedAvg,
+    "krum": fl.Krum,
+}
+
+# Set by fl-sim itself, so not accepted in `strategy.params`.
+_MANAGED = {
+    "fraction_train", "fraction_evaluate", "min_train_nodes", "min_evaluate_nodes",
+    "min_available_nodes", "weighted_by_key", "arrayrecord_key", "configrecord_key",
+    "train_metrics_aggr_fn", "evaluate_metrics_aggr_fn", "proximal_mu",
+}
+
+
+def strategy_params(name: str) -> set[str]:
+    """The constructor arguments a user may set for strategy `name`."""
+    return set(inspect.signature(STRATEGIES[name]).parameters) - _MANAGED
+
+
+def build_strategy(cfg: StrategyConfig, num_clients: int, min_clients: int | None = None) -> fl.FedAvg:
+    """A strategy that samples every client each round and waits for `min_clients` of them."""
+    unknown = set(cfg.params) - strategy_params(cfg.name)
+    if unknown:
+        raise FlSimError(
+            f"strategy.params has {sorted(unknown)}, which {cfg.name} does not take; "
+            f"it takes: {sorted(strategy_params(cfg.name)) or 'nothing'}."
+        )
+    kwargs = dict(cfg.params)
+    if cfg.name == "fedprox":
+        kwargs["proximal_mu"] = proximal_mu(cfg)
+    needed = num_clients if min_clients is None else min_clients
+    return STRATEGIES[cfg.name](
+        fraction_train=1.0,
+        fraction_evaluate=1.0,
+        min_train_nodes=needed,
+        min_evaluate_nodes=needed,
+        min_available_nodes=needed,
+        weighted_by_key="unit-weight" if cfg.weighting == "uniform" else "num-examples",
+        **kwargs,
+    )

@@ -1,0 +1,88 @@
+"""The experiments.yaml schema: validation, grid expansion, run names, CLI errors."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fl_sim.cli import main
+from fl_sim.config import expand_grid, load_study
+from fl_sim.errors import FlSimError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path: Path, obj: dict) -> Path:
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(obj))
+    return path
+
+
+def test_the_shipped_paper_study_expands_to_120_named_runs():
+    study = load_study(ROOT / "experiments.yaml")
+    runs = expand_grid(study)
+    assert len(runs) == 12 * 5 * 2
+    names = [r.name for r in runs]
+    assert "fedprox-mu0.01_convnext_t_sgd_s0" in names
+    assert "fedavg_vit_l_16_adadelta_s0" in names
+    assert len(set(names)) == len(names)
+    run = runs[names.index("fedprox-mu0.01_swin_b_adamw_s0")].config
+    assert (run.strategy.name, run.strategy.proximal_mu, run.model.name, run.optimizer.name) == (
+        "fedprox", 0.01, "swin_b", "adamw")
+    assert run.rounds == 50 and run.batch_size == 32 and run.model.pretrained is True
+
+
+def test_grid_values_beyond_the_named_keys_enter_the_run_name(tmp_path):
+    path = write(tmp_path, {"study": "s", "grid": {"local_epochs": [1, 2], "seed": [0, 1]}})
+    names = [r.name for r in expand_grid(load_study(path))]
+    assert names == ["fedavg_convnext_t_sgd_s0_local_epochs1", "fedavg_convnext_t_sgd_s1_local_epochs1",
+                     "fedavg_convnext_t_sgd_s0_local_epochs2", "fedavg_convnext_t_sgd_s1_local_epochs2"]
+
+
+@pytest.mark.parametrize("obj, message", [
+    ({"study": "s", "defaults": {"rouns": 3}}, "defaults.rouns: unknown key"),
+    ({"study": "s", "data": {"partition": {"methd": "random"}}}, "data.partition.methd: unknown key"),
+    ({"study": "s", "defaults": {"rounds": 0}}, "defaults.rounds: Input should be greater than or equal to 1"),
+    ({"study": "s", "defaults": {"optimizer": {"name": "lion"}}}, "defaults.optimizer.name"),
+    ({"study": "s", "grid": {"strategy": ["fedsgd"]}}, "grid.strategy.name"),
+    ({"study": "s", "grid": {"epochs": [1, 2]}}, "grid key 'epochs' is not a run setting"),
+    ({"study": "s", "data": {"partition": {"splits": {"train": 0.7, "val": 0.2, "test": 0.2}}}},
+     "must sum to 1"),
+    ({"study": "s", "data": {"dataset": "ham10000"}}, "needs `root`"),
+    ({"study": "s", "defaults": {"strategy": {"name": "fedavg", "proximal_mu": 0.1}}},
+     "proximal_mu is a fedprox parameter"),
+])
+def test_bad_configs_name_the_key(tmp_path, obj, message):
+    path = write(tmp_path, obj)
+    with pytest.raises(FlSimError, match="is not a valid study") as info:
+        load_study(path)
+    assert message in str(info.value)
+
+
+def test_cli_exits_non_zero_with_the_message(tmp_path, capsys):
+    path = write(tmp_path, {"study": "s", "defaults": {"rouns": 3}})
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "defaults.rouns: unknown key" in err and str(path) in err
+    assert main(["run", str(tmp_path / "missing.yaml")]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+def test_cli_overrides_and_dry_run(tmp_path, capsys):
+    assert main(["run", str(ROOT / "experiments.yaml"), "--data-root", str(tmp_path),
+                 "--out", str(tmp_path / "o"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "120 runs" in out and "fedprox-mu0.01_convnext_t_sgd_s0" in out
+    study = load_study(ROOT / "experiments.yaml", data_root=tmp_path, out=tmp_path / "o")
+    assert study.data.root == tmp_path and study.out == tmp_path / "o"
+
+
+def test_unknown_strategy_params_are_named(tmp_path):
+    from fl_sim.strategies import build_strategy
+
+    study = load_study(write(tmp_path, {"study": "s", "defaults": {
+        "strategy": {"name": "fedadam", "params": {"eta": 0.01, "etta": 1}}}}))
+    with pytest.raises(FlSimError, match=r"\['etta'\], which fedadam does not take"):
+        build_strategy(study.defaults.strategy, num_clients=3)
+    study.defaults.strategy.params = {"eta": 0.01}
+    assert build_strategy(study.defaults.strategy, num_clients=3).eta == 0.01

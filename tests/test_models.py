@@ -1,0 +1,44 @@
+"""The backbone registry over timm."""
+
+import pytest
+import timm
+import torch
+
+from fl_sim.config import ModelConfig
+from fl_sim.errors import FlSimError
+from fl_sim.models import PAPER_BACKBONES, create_model, normalization, timm_name
+
+
+def test_paper_short_names_are_timm_models():
+    assert len(PAPER_BACKBONES) == 12
+    for short, name in PAPER_BACKBONES.items():
+        assert timm.is_model(name), short
+
+
+def test_any_timm_name_and_a_clear_error_for_a_typo():
+    assert timm_name("convnext_t") == "convnext_tiny"
+    assert timm_name("resnet18") == "resnet18"
+    with pytest.raises(FlSimError, match="'convnxt_t' is neither a short name"):
+        timm_name("convnxt_t")
+
+
+def test_head_has_the_dataset_classes_and_local_weights_load(tmp_path):
+    cfg = ModelConfig(name="test_convnext")
+    model = create_model(cfg, num_classes=7, image_size=32)
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 7)
+    # a local weights file with a different head: the backbone loads, the head stays fresh
+    donor = create_model(cfg, num_classes=3, image_size=32)
+    torch.save(donor.state_dict(), tmp_path / "w.pt")
+    loaded = create_model(ModelConfig(name="test_convnext", pretrained=tmp_path / "w.pt"), 7, 32)
+    stem = next(k for k in donor.state_dict() if k.startswith("stem"))
+    assert torch.equal(loaded.state_dict()[stem], donor.state_dict()[stem])
+    with pytest.raises(FlSimError, match="not found"):
+        create_model(ModelConfig(name="test_convnext", pretrained=tmp_path / "nope.pt"), 7, 32)
+
+
+def test_transformer_input_size_and_normalisation_from_the_pretrained_config():
+    model = create_model(ModelConfig(name="test_vit"), num_classes=7, image_size=64)
+    assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 7)
+    mean, std = normalization(ModelConfig(name="convnext_t"))
+    assert mean == pytest.approx((0.485, 0.456, 0.406))
+    assert normalization(ModelConfig(name="convnext_t", normalize="none")) is None
