@@ -132,6 +132,14 @@ class OptimizerConfig(Strict):
     momentum: float | None = Field(None, ge=0, lt=1, description="sgd only")
     betas: tuple[float, float] | None = Field(None, description="adam/adamw only")
 
+    @model_validator(mode="after")
+    def _options_fit_the_optimizer(self) -> OptimizerConfig:
+        if self.momentum is not None and self.name != "sgd":
+            raise ValueError(f"momentum is an sgd option, not one of {self.name!r}")
+        if self.betas is not None and self.name not in ("adam", "adamw"):
+            raise ValueError(f"betas is an adam/adamw option, not one of {self.name!r}")
+        return self
+
 
 class StrategyConfig(Strict):
     name: Literal[
@@ -160,6 +168,25 @@ class ResourcesConfig(Strict):
     num_gpus: float = Field(0.0, ge=0, description="fractions pack several clients on one GPU")
 
 
+class ClipConfig(Strict):
+    """The CLIP variant: a timm image encoder trained into a frozen open_clip text space."""
+
+    text_model: str = Field("ViT-L-14", description="open_clip model whose text tower is used")
+    text_pretrained: str | None = Field(
+        "openai", description="open_clip pretrained tag, a local weights file, or null (random)"
+    )
+    templates: list[str] = Field(["a picture of a {class}"], min_length=1)
+    loss: Literal["clip", "class_ce"] = "clip"
+    learn_temperature: bool = True
+
+    @model_validator(mode="after")
+    def _templates_have_slot(self) -> ClipConfig:
+        for t in self.templates:
+            if "{class}" not in t:
+                raise ValueError(f"template {t!r} has no {{class}} slot")
+        return self
+
+
 class RunConfig(Strict):
     """Everything one run needs; `defaults` in experiments.yaml, varied by `grid`."""
 
@@ -170,7 +197,8 @@ class RunConfig(Strict):
     model: ModelConfig = ModelConfig()
     optimizer: OptimizerConfig = OptimizerConfig()
     strategy: StrategyConfig = StrategyConfig()
-    training: Literal["supervised"] = "supervised"
+    training: Literal["supervised", "clip"] = "supervised"
+    clip: ClipConfig = ClipConfig()
     augment: bool = Field(True, description="random flips and 90-degree rotations of training batches")
     selection_metric: Literal["acc", "bacc", "precision", "recall", "f1", "avg", "loss"] = Field(
         "avg", description="validation metric that picks the best round (never test)"

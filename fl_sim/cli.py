@@ -1,0 +1,83 @@
+"""The `fl-sim` command. Thin: parse, call, and turn FlSimError into a message and exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from rich.console import Console
+
+from fl_sim.config import expand_grid, load_study
+from fl_sim.errors import FlSimError
+
+
+def _study_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="a study file such as experiments.yaml")
+    p.add_argument("--data-root", help="override data.root (the local dataset copy)")
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="fl-sim", description=__doc__)
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run every run of a study in Flower's Simulation Engine")
+    _study_args(run)
+    run.add_argument("--out", help="override `out`, the output directory")
+    run.add_argument("--dry-run", action="store_true", help="list the runs and exit")
+    run.add_argument("--only", nargs="+", metavar="RUN", help="run only these run names")
+    run.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
+
+    data = sub.add_parser("data", help="datasets and partitions")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    inspect = data_sub.add_parser("inspect", help="per client and split: image and class counts")
+    _study_args(inspect)
+    return ap
+
+
+def cmd_run(args: argparse.Namespace, console: Console) -> None:
+    study = load_study(args.config, data_root=args.data_root, out=args.out)
+    runs = expand_grid(study)
+    if args.only:
+        unknown = set(args.only) - {r.name for r in runs}
+        if unknown:
+            raise FlSimError(f"--only names {sorted(unknown)}, not runs of {args.config}; "
+                             "`fl-sim run --dry-run` lists them.")
+        runs = [r for r in runs if r.name in args.only]
+    if args.dry_run:
+        # Plain lines, not a table: names are what a user copies into --only.
+        print(f"study {study.study}: {len(runs)} runs -> {study.out / study.study}")
+        for r in runs:
+            c = r.config
+            print(f"  {r.name}  ({c.rounds} rounds x {c.local_epochs} epochs, batch {c.batch_size})")
+        return
+    from fl_sim.simulation import run_study
+
+    run_study(study, runs, console=console, verbose=args.verbose)
+
+
+def cmd_data_inspect(args: argparse.Namespace, console: Console) -> None:
+    from fl_sim.data_partition.inspect import inspect_data
+
+    study = load_study(args.config, data_root=args.data_root)
+    inspect_data(study.data, console=console)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    console = Console()
+    try:
+        if args.command == "run":
+            cmd_run(args, console)
+        elif args.command == "data":
+            cmd_data_inspect(args, console)
+    except FlSimError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        Console(stderr=True).print("interrupted: finished rounds and runs are kept on disk")
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""The ClientApp: local training and local evaluation of the global model.
+
+The run's settings travel in the message's ConfigRecord (`data-config`, `run-config`, as
+JSON), so the same ClientApp runs in simulation and on a real SuperNode. The node's own
+config may name its partition (`partition-id`) and its local data (`data-root`).
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fl_sim.task import client_rng, load_data, load_model
+from fl_sim.client.train import train_local
+from fl_sim.config import DataConfig, RunConfig
+from fl_sim.evaluation import evaluate
+
+app = ClientApp()
+
+
+def _named(handler):
+    """Prefix a failure with the client's partition id: the server sees only the reason text."""
+
+    @functools.wraps(handler)
+    def wrapper(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except Exception as err:
+            client = context.node_config.get("partition-id", "?")
+            raise RuntimeError(f"client {client}: {type(err).__name__}: {err}") from err
+
+    return wrapper
+
+
+def _setup(msg: Message, context: Context):
+    config: ConfigRecord = msg.content["config"]
+    data_cfg = DataConfig.model_validate_json(str(config["data-config"]))
+    if "data-root" in context.node_config:
+        data_cfg.root = str(context.node_config["data-root"])
+    run_json = str(config["run-config"])
+    run_cfg = RunConfig.model_validate_json(run_json)
+    data = load_data(data_cfg.model_dump_json())
+    model, preprocess = load_model(run_json, len(data.classes), data.images.shape[1])
+    model.load_state_dict(msg.content["arrays"].to_torch_state_dict(), strict=True)
+    partition_id = int(context.node_config["partition-id"])
+    return config, run_cfg, data, model, preprocess, partition_id
+
+
+def _reply(msg: Message, partition_id: int, num_examples: int, metrics: dict,
+           arrays: ArrayRecord | None = None) -> Message:
+    # `num-examples` and `unit-weight` are both always sent: the strategy weights by one of
+    # them (example-weighted or the paper's uniform eq. 3) and checks that every reply has it.
+    record = MetricRecord({"num-examples": num_examples, "unit-weight": 1.0,
+                           "partition-id": partition_id, **metrics})
+    content = RecordDict({"metrics": record} if arrays is None else {"arrays": arrays, "metrics": record})
+    return Message(content=content, reply_to=msg)
+
+
+@app.train()
+@_named
+def train(msg: Message, context: Context) -> Message:
+    config, run_cfg, data, model, preprocess, pid = _setup(msg, context)
+    server_round = int(config["server-round"])
+    indices = data.indices(pid, "train")
+    start = time.perf_counter()
+    result = train_local(
+        model, data.images, data.labels, indices, preprocess, run_cfg,
+        rng=client_rng(run_cfg.seed, pid, server_round, stream=0),
+        proximal_mu=float(config.get("proximal-mu", 0.0)),
+    )
+    result["train_time_s"] = time.perf_counter() - start
+    return _reply(msg, pid, len(indices), result, ArrayRecord(model.state_dict()))
+
+
+@app.evaluate()
+@_named
+def evaluate_global(msg: Message, context: Context) -> Message:
+    """The global model on this client's val and test splits (keys `val_*`, `test_*`)."""
+    _, run_cfg, data, model, preprocess, pid = _setup(msg, context)
+    metrics = {}
+    for split in ("val", "test"):
+        result = evaluate(model, data.images, data.labels, data.indices(pid, split), preprocess,
+                          run_cfg.eval_batch_size, len(data.classes))
+        metrics.update({f"{split}_{k}": v for k, v in result.items()})
+    return _reply(msg, pid, int(metrics["val_n"]), metrics)

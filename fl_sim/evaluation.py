@@ -1,0 +1,43 @@
+"""Evaluate a model on rows of the decoded-image cache (used by clients and the server)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fl_sim.metrics import classification_metrics
+from fl_sim.transforms import BatchPreprocessor
+
+
+@torch.inference_mode()
+def evaluate(
+    model: nn.Module,
+    images: np.ndarray,
+    labels: np.ndarray,
+    indices: np.ndarray,
+    preprocess: BatchPreprocessor,
+    batch_size: int,
+    num_classes: int,
+) -> dict[str, float]:
+    """Metrics of `model` on images[indices] (see fl_sim.metrics), with the mean CE loss."""
+    model.eval()
+    device = preprocess.device
+    preds, total_loss = [], 0.0
+    for start in range(0, len(indices), batch_size):
+        idx = indices[start:start + batch_size]
+        with autocast(device):
+            logits = model(preprocess(images[idx])).float()
+        y = torch.from_numpy(labels[idx]).to(device)
+        total_loss += F.cross_entropy(logits, y, reduction="sum").item()
+        preds.append(logits.argmax(1).cpu().numpy())
+    y_pred = np.concatenate(preds) if preds else np.empty(0, dtype=np.int64)
+    loss = total_loss / max(len(indices), 1)
+    return classification_metrics(labels[indices], y_pred, num_classes, loss=loss)
+
+
+def autocast(device: torch.device) -> torch.autocast:
+    """bf16 autocast on CUDA; a no-op elsewhere (CPU autocast is slower for these models)."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16,
+                          enabled=device.type == "cuda")

@@ -1,0 +1,43 @@
+"""Data and model for one process (a client actor, a SuperNode's app, the server), kept alive.
+
+Ray reuses each actor process for many messages, and a SuperNode's ClientApp process for
+one; caching at module level means a round costs one weight load, not a model build and
+a dataset open. Weights are overwritten from the message every time, so one model per
+process serves every partition that the process happens to run.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+from torch import nn
+
+from fl_sim.config import DataConfig, RunConfig
+from fl_sim.data_partition import FederatedData, prepare_data
+from fl_sim.models import create_model, normalization
+from fl_sim.transforms import BatchPreprocessor
+
+
+@functools.lru_cache(maxsize=2)
+def load_data(data_json: str) -> FederatedData:
+    """The dataset (a memmap of the decoded-image cache) and its partition, once per process."""
+    return prepare_data(DataConfig.model_validate_json(data_json), progress=False)
+
+
+@functools.lru_cache(maxsize=1)
+def load_model(run_json: str, num_classes: int, image_size: int) -> tuple[nn.Module, BatchPreprocessor]:
+    """The run's model on this process's device, and the matching batch preprocessor."""
+    cfg = RunConfig.model_validate_json(run_json)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = create_model(cfg.model, num_classes, image_size).to(device)
+    model = model.to(memory_format=torch.channels_last)
+    input_size = cfg.model.input_size or image_size
+    return model, BatchPreprocessor(input_size, normalization(cfg.model), device)
+
+
+def client_rng(seed: int, partition_id: int, server_round: int, stream: int) -> np.random.Generator:
+    """Randomness that depends on (seed, client, round), not on which process runs it."""
+    torch.manual_seed(seed * 1_000_003 + partition_id * 10_007 + server_round * 101 + stream)
+    return np.random.default_rng([seed, partition_id, server_round, stream])
