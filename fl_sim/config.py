@@ -204,6 +204,12 @@ class RunConfig(Strict):
         "avg", description="validation metric that picks the best round (never test)"
     )
     resources: ResourcesConfig = ResourcesConfig()
+    min_clients: int | None = Field(
+        None, ge=1, description="clients that must reply each round (default: all of them)"
+    )
+    round_timeout_s: float = Field(
+        3600, gt=0, description="longest wait for replies, or for enough clients to connect"
+    )
     seed: int = Field(0, ge=0)
 
 

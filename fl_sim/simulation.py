@@ -66,7 +66,7 @@ def run_study(study: StudyConfig, runs: list[Run], console: Console | None = Non
                       highlight=False, soft_wrap=True)
         start = time.perf_counter()
 
-        def on_round(r: RoundReport, name: str = run.name) -> None:
+        def on_round(r: RoundReport) -> None:
             g, metric = r.global_test, run.config.selection_metric
             console.print(
                 f"  round {r.server_round}/{r.rounds}  {r.seconds:5.1f} s  global test "

@@ -31,6 +31,7 @@ def load_model(run_json: str, num_classes: int, image_size: int) -> tuple[nn.Mod
     """The run's model on this process's device, and the matching batch preprocessor."""
     cfg = RunConfig.model_validate_json(run_json)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(cfg.seed)  # the server's initial global model is the run's seed's
     model = create_model(cfg.model, num_classes, image_size).to(device)
     model = model.to(memory_format=torch.channels_last)
     input_size = cfg.model.input_size or image_size

@@ -7,6 +7,7 @@ the best round on validation, and write each finished round to disk at once.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,7 @@ from fl_sim.strategies import build_strategy
 from fl_sim.task import load_data, load_model
 
 SPLITS = ("val", "test")
+log = logging.getLogger(__name__)
 
 
 def payload_bytes(msg: Message) -> int:
@@ -34,20 +36,39 @@ def payload_bytes(msg: Message) -> int:
     return sum(record.count_bytes() for record in msg.content.values())
 
 
+def wait_for_clients(grid: Grid, needed: int, timeout: float, server_round: int) -> None:
+    """Flower's samplers wait for nodes forever; fl-sim waits at most `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while (connected := len(list(grid.get_node_ids()))) < needed:
+        if time.monotonic() > deadline:
+            raise FlSimError(
+                f"round {server_round}: only {connected} clients connected, {needed} needed "
+                f"(min_clients), after waiting {timeout:g} s (round_timeout_s). Start more "
+                "clients or lower min_clients; the rounds finished before are kept.")
+        time.sleep(1.0)
+
+
 def send_and_check(grid: Grid, messages: list[Message], kind: str, server_round: int,
-                   timeout: float) -> list[Message]:
-    """Send, wait at most `timeout` seconds, and stop the run clearly if a client failed."""
+                   timeout: float, min_replies: int) -> list[Message]:
+    """Send, wait at most `timeout` seconds; carry on without failed clients while at least
+    `min_replies` replied, else stop the run with the clients' reasons."""
     if not messages:
         raise FlSimError(f"round {server_round}: the strategy sampled no client to {kind}.")
     replies = list(grid.send_and_receive(messages, timeout=timeout))
-    failed = [m for m in replies if m.has_error()]
-    if failed or len(replies) < len(messages):
-        reasons = "; ".join(f"node {m.metadata.src_node_id}: {m.error.reason.strip()}"
-                            for m in failed) or f"no reply within {timeout:g} s"
+    ok = [m for m in replies if not m.has_error()]
+    reasons = [f"node {m.metadata.src_node_id}: {m.error.reason.strip()}"
+               for m in replies if m.has_error()]
+    if len(replies) < len(messages):
+        reasons.append(f"{len(messages) - len(replies)} gave no reply within {timeout:g} s")
+    if len(ok) < min_replies:
         raise FlSimError(
-            f"round {server_round} ({kind}): {len(replies) - len(failed)} of {len(messages)} "
-            f"clients replied. {reasons}. The rounds finished before are kept.")
-    return replies
+            f"round {server_round} ({kind}): {len(ok)} of {len(messages)} clients replied, "
+            f"{min_replies} needed (min_clients). {'; '.join(reasons)}. The rounds finished "
+            "before are kept.")
+    for reason in reasons:
+        log.warning("round %d (%s): continuing without a client. %s", server_round, kind, reason)
+    # A fixed order makes aggregation's floating-point sums independent of arrival order.
+    return sorted(ok, key=lambda m: m.content["metrics"]["partition-id"])
 
 
 @dataclass
@@ -73,12 +94,10 @@ class FederatedRun:
     """One run of a study: strategy, global model, rounds, outputs in `run_dir`."""
 
     def __init__(self, study: StudyConfig, run: Run, run_dir: Path,
-                 on_round: Callable[[RoundReport], None] | None = None,
-                 reply_timeout: float = 3600.0) -> None:
+                 on_round: Callable[[RoundReport], None] | None = None) -> None:
         self.study, self.run, self.cfg = study, run, run.config
         self.run_dir = run_dir
         self.on_round = on_round
-        self.reply_timeout = reply_timeout
         data_json = study.data.model_dump_json()
         self.data = load_data(data_json)
         self.num_classes = len(self.data.classes)
@@ -86,6 +105,10 @@ class FederatedRun:
             self.cfg.model_dump_json(), self.num_classes, self.data.images.shape[1])
         self.config = ConfigRecord({"data-config": data_json,
                                     "run-config": self.cfg.model_dump_json()})
+        self.min_clients = self.cfg.min_clients or self.data.num_clients
+        if self.min_clients > self.data.num_clients:
+            raise FlSimError(f"min_clients {self.min_clients} exceeds the partition's "
+                             f"{self.data.num_clients} clients: lower it.")
         self.bytes_sent = 0
         self.bytes_received = 0
 
@@ -119,14 +142,15 @@ class FederatedRun:
     def _exchange(self, messages: list[Message], grid: Grid, kind: str,
                   server_round: int) -> list[Message]:
         self.bytes_sent += sum(payload_bytes(m) for m in messages)
-        replies = send_and_check(grid, messages, kind, server_round, self.reply_timeout)
+        replies = send_and_check(grid, messages, kind, server_round,
+                                 self.cfg.round_timeout_s, self.min_clients)
         self.bytes_received += sum(payload_bytes(m) for m in replies)
         return replies
 
     def _log_clients(self, server_round: int, replies: list[Message], log: RunLog) -> dict:
         """Per-client rows; returns the example-weighted mean of the clients' val metrics."""
         val_rows = []
-        for reply in sorted(replies, key=lambda m: m.content["metrics"]["partition-id"]):
+        for reply in replies:
             metrics = dict(reply.content["metrics"])
             client = int(metrics["partition-id"])
             for split in SPLITS:
@@ -148,7 +172,7 @@ class FederatedRun:
     def execute(self, grid: Grid) -> dict:
         cfg = self.cfg
         self._write_run_files()
-        strategy = build_strategy(cfg.strategy, self.data.num_clients)
+        strategy = build_strategy(cfg.strategy, self.data.num_clients, self.min_clients)
         arrays = ArrayRecord(self.model.state_dict())
         log = RunLog(self.run_dir)
         start = time.perf_counter()
@@ -157,6 +181,7 @@ class FederatedRun:
             final_global = self._global_eval(0, arrays, log)
             for server_round in range(1, cfg.rounds + 1):
                 t0 = time.perf_counter()
+                wait_for_clients(grid, self.min_clients, cfg.round_timeout_s, server_round)
                 train_msgs = list(strategy.configure_train(server_round, arrays, self.config, grid))
                 replies = self._exchange(train_msgs, grid, "train", server_round)
                 for reply in replies:
@@ -169,6 +194,7 @@ class FederatedRun:
                     raise FlSimError(f"round {server_round}: {cfg.strategy.name} aggregated nothing.")
                 arrays = aggregated
 
+                wait_for_clients(grid, self.min_clients, cfg.round_timeout_s, server_round)
                 eval_msgs = list(strategy.configure_evaluate(server_round, arrays, self.config, grid))
                 replies = self._exchange(eval_msgs, grid, "evaluate", server_round)
                 federated_val = self._log_clients(server_round, replies, log)

@@ -1,0 +1,31 @@
+"""`fl-sim report STUDY_DIR`: compare a study's runs in STUDY_DIR/report/.
+
+Writes report.md (winners, tables, figures), test_metrics.csv (the same numbers,
+unrounded) and PNG figures, from the files `fl-sim run` leaves in each run directory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fl_sim.report.collect import REPORT_DIR, Study, load_study
+from fl_sim.report.markdown import render
+from fl_sim.report.plots import write_figures
+from fl_sim.report.tables import seed_table
+
+__all__ = ["Study", "load_study", "seed_table", "write_report"]
+
+
+def write_report(study_dir: Path) -> Path:
+    """Write the report of the study in `study_dir`; returns the path of report.md."""
+    study = load_study(Path(study_dir))
+    out = study.folder / REPORT_DIR
+    out.mkdir(exist_ok=True)
+    # An earlier report's figures may show configurations that are gone now.
+    for old in out.glob("*.png"):
+        old.unlink()
+    table = seed_table(study.at_best())
+    table.to_csv(out / "test_metrics.csv", index=False)
+    figures = write_figures(study.rows, table, out)
+    (out / "report.md").write_text(render(study, table, figures), encoding="utf-8")
+    return out / "report.md"

@@ -1,0 +1,172 @@
+"""Load a study folder's run directories into pandas tables.
+
+Each run gets three labels taken from its config.yaml: strategy, model, optimizer. Runs
+that differ in nothing but their seed share all three, so the tables can average over
+seeds. A run that cannot be reported (unfinished, missing or broken files) is kept as a
+skipped run with its reason, never dropped silently.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+from pydantic import ValidationError
+
+from fl_sim.config import RunConfig, format_validation_error, proximal_mu
+from fl_sim.errors import FlSimError
+from fl_sim.metrics import HEADLINE
+
+METRICS = (*HEADLINE, "avg")
+LABELS = ("strategy", "model", "optimizer")
+RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json")
+REPORT_DIR = "report"
+
+# Config keys that the labels or the seed already name, or that cannot change a result.
+# Any other key that varies across the study's runs is added to the strategy label, so
+# that a mean over seeds never mixes two settings.
+_NAMED_KEYS = {
+    "run_config.seed", "run_config.strategy.name", "run_config.strategy.proximal_mu",
+    "run_config.strategy.weighting", "run_config.model.name", "run_config.optimizer.name",
+    "run_config.optimizer.lr", "run_config.training", "data.cache_dir",
+}
+_HINT_PREFIXES = ("run_config.resources.",)  # scheduling hints for Ray, not settings
+
+
+@dataclass
+class Study:
+    """The reportable runs of one study folder."""
+
+    folder: Path
+    runs: pd.DataFrame  # one row per complete run: run, labels, seed, best_round, ...
+    rows: pd.DataFrame  # every metrics.jsonl row of those runs, with their labels
+    skipped: list[tuple[str, str]]  # (run folder name, why it is not in the report)
+
+    @property
+    def name(self) -> str:
+        return self.folder.name
+
+    def at_best(self) -> pd.DataFrame:
+        """Test rows (global and per client) at each run's best-on-validation round."""
+        best = self.rows["round"] == self.rows["run"].map(self.runs.set_index("run")["best_round"])
+        tested = (self.rows["split"] == "test") & self.rows["scope"].isin(["global", "client"])
+        return self.rows[best & tested]
+
+
+class _Skip(Exception):
+    """A run that stays out of the tables; the message says why."""
+
+
+def load_study(folder: Path) -> Study:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FlSimError(f"study folder {folder} does not exist: pass <out>/<study>, the "
+                         "folder `fl-sim run` writes one run directory per run into.")
+    run_dirs = sorted(d for d in folder.iterdir() if d.is_dir() and d.name != REPORT_DIR
+                      and any((d / f).exists() for f in RUN_FILES))
+    if not run_dirs:
+        hint = (" It looks like a run directory itself: pass its parent folder."
+                if (folder / "metrics.jsonl").exists() else "")
+        raise FlSimError(f"no run in {folder}: expected sub-folders holding "
+                         f"{', '.join(RUN_FILES)}, as `fl-sim run` writes them.{hint}")
+    runs, rows, configs, skipped = [], [], [], []
+    for run_dir in run_dirs:
+        try:
+            run, run_rows, config = _load_run(run_dir)
+        except _Skip as why:
+            skipped.append((run_dir.name, str(why)))
+            continue
+        runs.append(run)
+        rows.append(run_rows.assign(run=run["run"]))
+        configs.append(config)
+    if not runs:
+        reasons = "; ".join(f"{name}: {why}" for name, why in skipped)
+        raise FlSimError(f"no complete run in {folder} to report on ({reasons}).")
+    runs_df = pd.DataFrame(runs)
+    runs_df["strategy"] += _setting_suffixes(configs)
+    rows_df = pd.concat(rows, ignore_index=True).merge(
+        runs_df[["run", *LABELS, "seed"]], on="run", validate="many_to_one")
+    return Study(folder, runs_df, rows_df, skipped)
+
+
+def _load_run(run_dir: Path) -> tuple[dict[str, Any], pd.DataFrame, dict[str, Any]]:
+    """A run's labels and facts, its metric rows, its raw config; _Skip if not reportable."""
+    summary = _read(run_dir / "summary.json", json.loads)
+    if not summary.get("complete"):
+        done = (summary.get("final") or {}).get("round", 0)
+        raise _Skip(f"not complete ({done} of {summary.get('rounds', '?')} rounds finished)")
+    config = _read(run_dir / "config.yaml", yaml.safe_load)
+    try:
+        cfg = RunConfig.model_validate(config["run_config"])
+    except (TypeError, KeyError):
+        raise _Skip("config.yaml has no run_config mapping") from None
+    except ValidationError as err:
+        raise _Skip(f"config.yaml is not a valid run config: {format_validation_error(err)}") from None
+    rows = pd.DataFrame(_read(run_dir / "metrics.jsonl", _parse_jsonl))
+    if rows.empty:
+        raise _Skip("metrics.jsonl is empty")
+    best_round = summary["best"]["round"]
+    key = ["round", "scope", "client", "split"]
+    if rows.duplicated(key).any():
+        raise _Skip("metrics.jsonl holds some rows twice: the run was written twice into "
+                    "one folder; run it again")
+    if not ((rows["round"] == best_round) & (rows["scope"] == "global")).any():
+        raise _Skip(f"metrics.jsonl has no global test row at the best round {best_round}")
+    run = {"run": run_dir.name, **_labels(cfg), "seed": cfg.seed, "best_round": best_round,
+           "selection_metric": cfg.selection_metric, "rounds": cfg.rounds,
+           "wall_time_s": summary.get("wall_time_s", math.nan),
+           "bytes_sent": summary.get("bytes_sent", math.nan)}
+    return run, rows, config
+
+
+def _read(path: Path, parse: Any) -> Any:
+    try:
+        return parse(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise _Skip(f"no {path.name}") from None
+    except (ValueError, yaml.YAMLError) as err:  # JSONDecodeError is a ValueError
+        raise _Skip(f"{path.name} is unreadable: {err}") from None
+
+
+def _parse_jsonl(text: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def _labels(cfg: RunConfig) -> dict[str, str]:
+    """The names `run_name` uses, so that a report reads like the run folders."""
+    strategy = cfg.strategy.name
+    if strategy == "fedprox":
+        strategy += f"-mu{proximal_mu(cfg.strategy):g}"
+    if cfg.strategy.weighting == "uniform":
+        strategy += "-uniform"
+    model = cfg.model.name if cfg.training == "supervised" else f"{cfg.model.name}-{cfg.training}"
+    optimizer = cfg.optimizer.name
+    if cfg.optimizer.lr is not None:
+        optimizer += f"-lr{cfg.optimizer.lr:g}"
+    return {"strategy": strategy, "model": model, "optimizer": optimizer}
+
+
+def _setting_suffixes(configs: list[dict[str, Any]]) -> list[str]:
+    """' [key=value, ...]' of the config keys that vary across runs but no label names."""
+    flat = pd.DataFrame([_flatten({k: c.get(k) for k in ("data", "run_config")}) for c in configs])
+    varying = [k for k in flat.columns if k not in _NAMED_KEYS
+               and not k.startswith(_HINT_PREFIXES) and flat[k].nunique(dropna=False) > 1]
+    return ["" if not varying else
+            " [" + ", ".join(f"{k.removeprefix('run_config.')}={row[k]}" for k in varying) + "]"
+            for _, row in flat.iterrows()]
+
+
+def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """Dotted keys -> JSON text of the values, so that lists and nulls compare as values."""
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = json.dumps(value)
+    return out

@@ -1,0 +1,153 @@
+"""The report's PNG figures: one function per kind of figure.
+
+Figures are built on `matplotlib.figure.Figure`, not pyplot, so they render with Agg and
+leave no global figure state behind in the calling process.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib import colormaps
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+
+from fl_sim.report.collect import METRICS
+from fl_sim.report.tables import METRIC_NAMES
+
+AT_BEST = "mean ± std over seeds, at each run's best-on-validation round"
+
+
+def colors(names: list[str]) -> dict[str, tuple]:
+    """A fixed colour per name, so a strategy keeps its colour across figures."""
+    palette = colormaps["tab10"].colors
+    return {n: palette[i % len(palette)] for i, n in enumerate(sorted(names))}
+
+
+METRIC_COLORS = colors([METRIC_NAMES[m] for m in METRICS])
+
+
+def slug(*parts: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", "_".join(parts)).strip("-")
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def _grouped_bars(ax: Axes, mean: pd.DataFrame, std: pd.DataFrame,
+                  palette: dict[str, tuple]) -> None:
+    """One group of bars per row of `mean`, one bar per column, std as error bars."""
+    x = np.arange(len(mean.index))
+    width = 0.8 / len(mean.columns)
+    for i, col in enumerate(mean.columns):
+        offset = (i - (len(mean.columns) - 1) / 2) * width
+        ax.bar(x + offset, mean[col], width, yerr=std[col].fillna(0), capsize=2,
+               label=str(col), color=palette[col])
+    ax.set_xticks(x, [str(i) for i in mean.index])
+    ax.set_ylim(0, 1)
+    ax.grid(axis="y", alpha=0.3)
+
+
+def spider_plot(table: pd.DataFrame, strategy: str, optimizer: str, path: Path) -> Path:
+    """Global test metrics of one strategy × optimizer: one axis per backbone, one polygon
+    per metric (the paper's Figure 4). Fewer than three backbones make no polygon, so those
+    are drawn as grouped bars."""
+    rows = table[(table["test_set"] == "global") & (table["strategy"] == strategy)
+                 & (table["optimizer"] == optimizer)].set_index("model")
+    names = [METRIC_NAMES[m] for m in METRICS]
+    means = rows[[f"{m}_mean" for m in METRICS]].set_axis(names, axis=1)
+    title = f"{strategy} · {optimizer}: global test metrics per backbone"
+    if len(rows) < 3:
+        fig = Figure(figsize=(8, 5.5), layout="constrained")
+        ax = fig.add_subplot()
+        stds = rows[[f"{m}_std" for m in METRICS]].set_axis(names, axis=1)
+        _grouped_bars(ax, means, stds, METRIC_COLORS)
+        ax.set_xlabel("backbone")
+        ax.set_ylabel("score")
+        fig.legend(title="metric", loc="outside lower center", ncols=len(names))
+        fig.suptitle(f"{title}\nbars instead of a spider plot: a spider needs 3+ backbones, "
+                     f"this study has {len(rows)}\n({AT_BEST})", fontsize="medium")
+        return _save(fig, path)
+    fig = Figure(figsize=(8, 6.5), layout="constrained")
+    ax = fig.add_subplot(projection="polar")
+    angles = np.linspace(0, 2 * np.pi, len(rows), endpoint=False)
+    closed = np.append(angles, angles[0])
+    for metric in names:
+        values = np.append(means[metric].to_numpy(), means[metric].iloc[0])
+        ax.plot(closed, values, marker="o", color=METRIC_COLORS[metric], label=metric)
+        ax.fill(closed, values, color=METRIC_COLORS[metric], alpha=0.05)
+    ax.set_xticks(angles, list(rows.index))
+    # Zoom the radius onto the scores, else close backbones overlap at the rim.
+    low, high = means.min().min(), means.max().max()
+    ax.set_ylim(max(0.0, low - 0.05), min(1.0, high + 0.05))
+    ax.set_rlabel_position(180 / len(rows))  # radius labels halfway between two backbones
+    fig.legend(title="metric", loc="outside lower center", ncols=len(names))
+    fig.suptitle(f"{title}\n(mean over seeds, at each run's best-on-validation round)",
+                 fontsize="medium")
+    return _save(fig, path)
+
+
+def convergence_plot(rows: pd.DataFrame, model: str, optimizer: str,
+                     palette: dict[str, tuple], path: Path) -> Path:
+    """Global test metrics per round of one model × optimizer, the strategies overlaid."""
+    rows = rows[(rows["scope"] == "global") & (rows["model"] == model)
+                & (rows["optimizer"] == optimizer)]
+    stats = rows.groupby(["strategy", "round"])[list(METRICS)].agg(["mean", "std"])
+    fig = Figure(figsize=(13, 7.5), layout="constrained")
+    axes = fig.subplots(2, 3, sharex=True).ravel()
+    for ax, metric in zip(axes, METRICS):
+        for strategy, curve in stats[metric].groupby(level="strategy"):
+            r = curve.index.get_level_values("round")
+            ax.plot(r, curve["mean"], marker=".", color=palette[strategy], label=strategy)
+            ax.fill_between(r, curve["mean"] - curve["std"].fillna(0),
+                            curve["mean"] + curve["std"].fillna(0),
+                            color=palette[strategy], alpha=0.15)
+        ax.set_title(METRIC_NAMES[metric])
+        ax.grid(alpha=0.3)
+    fig.supxlabel("round (0 = initial model)")
+    fig.supylabel("score")
+    axes[0].xaxis.get_major_locator().set_params(integer=True)
+    fig.legend(*axes[0].get_legend_handles_labels(), title="strategy", loc="outside right upper")
+    fig.suptitle(f"{model} · {optimizer}: global test metrics per round "
+                 "(mean over seeds, band = ± std)")
+    return _save(fig, path)
+
+
+def client_bars_plot(table: pd.DataFrame, model: str, optimizer: str,
+                     palette: dict[str, tuple], path: Path) -> Path:
+    """Test metrics of one model × optimizer on every client's test set and the global one."""
+    rows = table[(table["model"] == model) & (table["optimizer"] == optimizer)]
+    test_sets = list(pd.unique(rows["test_set"]))  # the table's order: global, client 0, ...
+    fig = Figure(figsize=(max(12, 3.3 * len(test_sets)), 7.5), layout="constrained")
+    axes = fig.subplots(2, 3, sharey=True).ravel()
+    for ax, metric in zip(axes, METRICS):
+        means, stds = (rows.pivot(index="test_set", columns="strategy", values=f"{metric}_{s}")
+                       .reindex(test_sets) for s in ("mean", "std"))
+        _grouped_bars(ax, means, stds, palette)
+        ax.set_title(METRIC_NAMES[metric])
+    fig.supxlabel("test set")
+    fig.supylabel("score")
+    fig.legend(*axes[0].get_legend_handles_labels(), title="strategy", loc="outside right upper")
+    fig.suptitle(f"{model} · {optimizer}: test metrics per client\n({AT_BEST})")
+    return _save(fig, path)
+
+
+def write_figures(rows: pd.DataFrame, table: pd.DataFrame, out: Path) -> dict[str, list[Path]]:
+    """Every figure of a report into `out`, by kind."""
+    palette = colors(list(table["strategy"].unique()))
+    pairs = table[["model", "optimizer"]].drop_duplicates().itertuples(index=False)
+    figures: dict[str, list[Path]] = {"spider": [], "convergence": [], "clients": []}
+    for strategy, optimizer in table[["strategy", "optimizer"]].drop_duplicates().itertuples(index=False):
+        figures["spider"].append(
+            spider_plot(table, strategy, optimizer, out / f"spider_{slug(strategy, optimizer)}.png"))
+    for model, optimizer in pairs:
+        figures["convergence"].append(convergence_plot(
+            rows, model, optimizer, palette, out / f"convergence_{slug(model, optimizer)}.png"))
+        figures["clients"].append(client_bars_plot(
+            table, model, optimizer, palette, out / f"clients_{slug(model, optimizer)}.png"))
+    return figures

@@ -1,0 +1,70 @@
+"""The server loop's failure policy, with a fake grid standing in for Flower's."""
+
+import pytest
+from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from fl_sim.errors import FlSimError
+from fl_sim.server.loop import send_and_check, wait_for_clients
+
+
+@pytest.fixture(autouse=True)
+def task_identity(monkeypatch):
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+
+
+class FakeGrid:
+    """Replies to node n with partition id n, except the nodes in `fail` (error replies)
+    and `silent` (no reply)."""
+
+    def __init__(self, nodes=(0, 1, 2), fail=(), silent=()):
+        self.nodes, self.fail, self.silent = list(nodes), set(fail), set(silent)
+
+    def get_node_ids(self):
+        return self.nodes
+
+    def send_and_receive(self, messages, timeout):
+        for m in messages:
+            node = m.metadata.dst_node_id
+            if node in self.silent:
+                continue
+            if node in self.fail:
+                yield Message(Error(code=1, reason=f"client {node}: RuntimeError: broken image"), reply_to=m)
+            else:
+                yield Message(RecordDict({"metrics": MetricRecord({"partition-id": node})}), reply_to=m)
+
+
+def messages(nodes=(2, 0, 1)):
+    return [Message(RecordDict({"config": ConfigRecord({"a": 1})}), dst_node_id=n, message_type="train")
+            for n in nodes]
+
+
+def test_all_replies_come_back_in_partition_order():
+    replies = send_and_check(FakeGrid(), messages(), "train", 1, timeout=5, min_replies=3)
+    assert [m.content["metrics"]["partition-id"] for m in replies] == [0, 1, 2]
+
+
+def test_a_failed_client_is_dropped_while_enough_remain(caplog):
+    replies = send_and_check(FakeGrid(fail={1}), messages(), "train", 4, timeout=5, min_replies=2)
+    assert [m.content["metrics"]["partition-id"] for m in replies] == [0, 2]
+    assert "round 4 (train): continuing without a client" in caplog.text
+    assert "client 1: RuntimeError: broken image" in caplog.text
+
+
+def test_below_the_minimum_the_run_stops_naming_the_culprits():
+    with pytest.raises(FlSimError) as info:
+        send_and_check(FakeGrid(fail={1}, silent={2}), messages(), "evaluate", 3, timeout=7,
+                       min_replies=3)
+    text = str(info.value)
+    assert "round 3 (evaluate): 1 of 3 clients replied, 3 needed (min_clients)" in text
+    assert "client 1: RuntimeError: broken image" in text
+    assert "1 gave no reply within 7 s" in text
+    assert "finished before are kept" in text
+
+
+def test_waiting_for_clients_is_bounded():
+    wait_for_clients(FakeGrid(nodes=(0, 1, 2)), 3, timeout=1, server_round=1)
+    with pytest.raises(FlSimError, match="only 2 clients connected, 3 needed"):
+        wait_for_clients(FakeGrid(nodes=(0, 1)), 3, timeout=0.5, server_round=2)
