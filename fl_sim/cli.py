@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from rich.console import Console
 
@@ -26,6 +27,9 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--dry-run", action="store_true", help="list the runs and exit")
     run.add_argument("--only", nargs="+", metavar="RUN", help="run only these run names")
     run.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
+
+    report = sub.add_parser("report", help="compare a study's runs: tables, winners, figures")
+    report.add_argument("study_dir", help="<out>/<study>, the folder holding the run directories")
 
     data = sub.add_parser("data", help="datasets and partitions")
     data_sub = data.add_subparsers(dest="data_command", required=True)
@@ -68,6 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run":
             cmd_run(args, console)
+        elif args.command == "report":
+            from fl_sim.report import write_report  # pandas/matplotlib: keep other commands fast
+
+            console.print(f"report written: {write_report(Path(args.study_dir))}")
         elif args.command == "data":
             cmd_data_inspect(args, console)
     except FlSimError as err:

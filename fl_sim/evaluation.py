@@ -12,16 +12,15 @@ from fl_sim.transforms import BatchPreprocessor
 
 
 @torch.inference_mode()
-def evaluate(
+def predict(
     model: nn.Module,
     images: np.ndarray,
     labels: np.ndarray,
     indices: np.ndarray,
     preprocess: BatchPreprocessor,
     batch_size: int,
-    num_classes: int,
-) -> dict[str, float]:
-    """Metrics of `model` on images[indices] (see fl_sim.metrics), with the mean CE loss."""
+) -> tuple[np.ndarray, float]:
+    """Predicted classes of images[indices] and the mean cross-entropy loss."""
     model.eval()
     device = preprocess.device
     preds, total_loss = [], 0.0
@@ -33,7 +32,20 @@ def evaluate(
         total_loss += F.cross_entropy(logits, y, reduction="sum").item()
         preds.append(logits.argmax(1).cpu().numpy())
     y_pred = np.concatenate(preds) if preds else np.empty(0, dtype=np.int64)
-    loss = total_loss / max(len(indices), 1)
+    return y_pred, total_loss / max(len(indices), 1)
+
+
+def evaluate(
+    model: nn.Module,
+    images: np.ndarray,
+    labels: np.ndarray,
+    indices: np.ndarray,
+    preprocess: BatchPreprocessor,
+    batch_size: int,
+    num_classes: int,
+) -> dict[str, float]:
+    """Metrics of `model` on images[indices] (see fl_sim.metrics), with the mean CE loss."""
+    y_pred, loss = predict(model, images, labels, indices, preprocess, batch_size)
     return classification_metrics(labels[indices], y_pred, num_classes, loss=loss)
 
 

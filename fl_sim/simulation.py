@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 from rich.console import Console
 
 from fl_sim.config import Run, StudyConfig
@@ -42,43 +46,94 @@ def check_runs(study: StudyConfig, runs: list[Run], num_clients: int) -> None:
         build_strategy(run.config.strategy, num_clients)
 
 
+@contextlib.contextmanager
+def study_lock(study_dir: Path) -> Iterator[None]:
+    """One `fl-sim run` per study folder at a time; the OS frees the lock if the process dies."""
+    study_dir.mkdir(parents=True, exist_ok=True)
+    with open(study_dir / ".lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise FlSimError(
+                f"another fl-sim run (pid {f.read().strip() or '?'}) is working on {study_dir}; "
+                "wait for it to finish, or give this one another `out` or `study`.") from None
+        f.truncate(0)
+        f.write(str(os.getpid()))
+        f.flush()
+        yield
+
+
+class Eta:
+    """Time left, from the round times seen so far; a run's first round includes start-up."""
+
+    def __init__(self, runs_left: int) -> None:
+        self.runs_left = runs_left
+        self.first: list[float] = []
+        self.steady: list[float] = []
+        self.run_started = False
+
+    def start_run(self) -> None:
+        self.run_started = True
+
+    def add(self, r: RoundReport) -> str:
+        (self.first if self.run_started else self.steady).append(r.seconds)
+        self.run_started = False
+        per_round = float(np.mean(self.steady or self.first))
+        first = float(np.mean(self.first))
+        run_left = (r.rounds - r.server_round) * per_round
+        later = (self.runs_left - 1) * (first + (r.rounds - 1) * per_round)
+        return f"ETA run {_hms(run_left)}, study {_hms(run_left + later)}"
+
+
+def _hms(seconds: float) -> str:
+    return time.strftime("%H:%M:%S", time.gmtime(seconds)) if seconds < 86400 else f"{seconds / 86400:.1f} d"
+
+
 def run_study(study: StudyConfig, runs: list[Run], console: Console | None = None,
               verbose: bool = False) -> list[Path]:
-    """Run each run of `runs` that has not finished yet; returns their run directories."""
-    from flwr.simulation import run_simulation  # imports Ray: keep `--dry-run` fast
-
+    """Run each run of `runs` that has not finished yet (an interrupted run resumes from its
+    last completed round); returns their run directories."""
     console = console or Console()
     quiet_flower(verbose)
     data = prepare_data(study.data)  # builds the cache once, before any client process starts
     check_runs(study, runs, data.num_clients)
+    with study_lock(Path(study.out) / study.study):
+        return _run_all(study, runs, data.num_clients, console, verbose)
+
+
+def _run_all(study: StudyConfig, runs: list[Run], num_clients: int, console: Console,
+             verbose: bool) -> list[Path]:
+    from flwr.simulation import run_simulation  # imports Ray: keep `--dry-run` fast
+
     done = []
+    todo = [r for r in runs if not is_complete(run_dir_of(study, r))]
+    eta = Eta(len(todo))
     for i, run in enumerate(runs, 1):
         run_dir = run_dir_of(study, run)
         if is_complete(run_dir):
             console.print(f"[{i}/{len(runs)}] {run.name}: finished before, skipped")
             done.append(run_dir)
             continue
-        if (run_dir / "metrics.jsonl").exists():
-            # Resuming mid-run is not supported yet: start the run over, cleanly.
-            (run_dir / "metrics.jsonl").unlink()
-        console.print(f"[{i}/{len(runs)}] {run.name}: {data.num_clients} clients, "
+        console.print(f"[{i}/{len(runs)}] {run.name}: {num_clients} clients, "
                       f"{run.config.rounds} rounds -> {run_dir}  (round 1 includes Ray start-up)",
                       highlight=False, soft_wrap=True)
         start = time.perf_counter()
+        eta.start_run()
 
         def on_round(r: RoundReport) -> None:
             g, metric = r.global_test, run.config.selection_metric
             console.print(
                 f"  round {r.server_round}/{r.rounds}  {r.seconds:5.1f} s  global test "
                 f"acc {g['acc']:.3f} bacc {g['bacc']:.3f} avg {g['avg']:.3f} | val {metric} "
-                f"{r.federated_val[metric]:.3f} (best round {r.best_round})",
+                f"{r.federated_val[metric]:.3f} (best round {r.best_round})  {eta.add(r)}",
                 highlight=False, soft_wrap=True)
 
         resources = run.config.resources
         run_simulation(
             server_app=make_server_app(study, run, on_round),
             client_app=_client_app(),
-            num_supernodes=data.num_clients,
+            num_supernodes=num_clients,
             backend_config={
                 "client_resources": {"num_cpus": resources.num_cpus,
                                      "num_gpus": resources.num_gpus},
@@ -90,6 +145,7 @@ def run_study(study: StudyConfig, runs: list[Run], console: Console | None = Non
             raise FlSimError(f"run {run.name} ended without finishing; see the log above and "
                              f"{run_dir}/metrics.jsonl for the rounds it completed.")
         console.print(f"  {run.name} done in {time.perf_counter() - start:.0f} s")
+        eta.runs_left -= 1
         done.append(run_dir)
     return done
 

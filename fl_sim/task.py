@@ -26,16 +26,21 @@ def load_data(data_json: str) -> FederatedData:
     return prepare_data(DataConfig.model_validate_json(data_json), progress=False)
 
 
-@functools.lru_cache(maxsize=1)
-def load_model(run_json: str, num_classes: int, image_size: int) -> tuple[nn.Module, BatchPreprocessor]:
-    """The run's model on this process's device, and the matching batch preprocessor."""
-    cfg = RunConfig.model_validate_json(run_json)
+def build_model(cfg: RunConfig, num_classes: int, image_size: int) -> tuple[nn.Module, BatchPreprocessor]:
+    """A fresh model of the run (initial weights from the run's seed) on this process's
+    device, and the matching batch preprocessor."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.manual_seed(cfg.seed)  # the server's initial global model is the run's seed's
+    torch.manual_seed(cfg.seed)
     model = create_model(cfg.model, num_classes, image_size).to(device)
     model = model.to(memory_format=torch.channels_last)
     input_size = cfg.model.input_size or image_size
     return model, BatchPreprocessor(input_size, normalization(cfg.model), device)
+
+
+@functools.lru_cache(maxsize=1)
+def load_model(run_json: str, num_classes: int, image_size: int) -> tuple[nn.Module, BatchPreprocessor]:
+    """build_model, once per process: clients overwrite the weights from every message."""
+    return build_model(RunConfig.model_validate_json(run_json), num_classes, image_size)
 
 
 def client_rng(seed: int, partition_id: int, server_round: int, stream: int) -> np.random.Generator:

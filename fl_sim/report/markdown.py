@@ -18,7 +18,9 @@ FIGURE_TEXT = {
 }
 
 
-def fmt(mean: float, std: float) -> str:
+def score(row: pd.Series, metric: str) -> str:
+    """'mean ± std' of a seed_table row; the mean alone for a single seed."""
+    mean, std = row[f"{metric}_mean"], row[f"{metric}_std"]
     return f"{mean:.3f}" if math.isnan(std) else f"{mean:.3f} ± {std:.3f}"
 
 
@@ -32,7 +34,7 @@ def metrics_table(table: pd.DataFrame, with_test_set: bool) -> str:
     header = [*keys, "seeds", *(METRIC_NAMES[m] for m in METRICS)]
     return markdown_table(header, [
         [str(r[k]) for k in keys] + [str(r["seeds"])]
-        + [fmt(r[f"{m}_mean"], r[f"{m}_std"]) for m in METRICS]
+        + [score(r, m) for m in METRICS]
         for _, r in table.iterrows()])
 
 
@@ -42,11 +44,10 @@ def config_name(row: pd.Series) -> str:
 
 def winner_line(w: Winner) -> str:
     m = w.metric
-    head = f"**{METRIC_NAMES[m]}**: {config_name(w.best)} ({fmt(w.best[f'{m}_mean'], w.best[f'{m}_std'])})"
+    head = f"**{METRIC_NAMES[m]}**: {config_name(w.best)} ({score(w.best, m)})"
     if w.runner_up is None:
         return f"{head}, the only configuration"
-    versus = (f"{head} leads {config_name(w.runner_up)} "
-              f"({fmt(w.runner_up[f'{m}_mean'], w.runner_up[f'{m}_std'])}) by {w.gap:.3f}")
+    versus = f"{head} leads {config_name(w.runner_up)} ({score(w.runner_up, m)}) by {w.gap:.3f}"
     if math.isnan(w.spread):
         return f"{versus}; seed spread unknown (a single seed)"
     verdict = "exceeds" if w.gap > w.spread else "is within"

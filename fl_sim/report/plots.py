@@ -71,7 +71,7 @@ def spider_plot(table: pd.DataFrame, strategy: str, optimizer: str, path: Path) 
         ax.set_ylabel("score")
         fig.legend(title="metric", loc="outside lower center", ncols=len(names))
         fig.suptitle(f"{title}\nbars instead of a spider plot: a spider needs 3+ backbones, "
-                     f"this study has {len(rows)}\n({AT_BEST})", fontsize="medium")
+                     f"here {len(rows)}\n({AT_BEST})", fontsize="medium")
         return _save(fig, path)
     fig = Figure(figsize=(8, 6.5), layout="constrained")
     ax = fig.add_subplot(projection="polar")
@@ -140,14 +140,18 @@ def client_bars_plot(table: pd.DataFrame, model: str, optimizer: str,
 def write_figures(rows: pd.DataFrame, table: pd.DataFrame, out: Path) -> dict[str, list[Path]]:
     """Every figure of a report into `out`, by kind."""
     palette = colors(list(table["strategy"].unique()))
-    pairs = table[["model", "optimizer"]].drop_duplicates().itertuples(index=False)
     figures: dict[str, list[Path]] = {"spider": [], "convergence": [], "clients": []}
-    for strategy, optimizer in table[["strategy", "optimizer"]].drop_duplicates().itertuples(index=False):
-        figures["spider"].append(
-            spider_plot(table, strategy, optimizer, out / f"spider_{slug(strategy, optimizer)}.png"))
-    for model, optimizer in pairs:
-        figures["convergence"].append(convergence_plot(
-            rows, model, optimizer, palette, out / f"convergence_{slug(model, optimizer)}.png"))
-        figures["clients"].append(client_bars_plot(
-            table, model, optimizer, palette, out / f"clients_{slug(model, optimizer)}.png"))
+    for strategy, optimizer in _pairs(table, "strategy", "optimizer"):
+        name = slug(strategy, optimizer)
+        figures["spider"].append(spider_plot(table, strategy, optimizer, out / f"spider_{name}.png"))
+    for model, optimizer in _pairs(table, "model", "optimizer"):
+        name = slug(model, optimizer)
+        figures["convergence"].append(
+            convergence_plot(rows, model, optimizer, palette, out / f"convergence_{name}.png"))
+        figures["clients"].append(
+            client_bars_plot(table, model, optimizer, palette, out / f"clients_{name}.png"))
     return figures
+
+
+def _pairs(table: pd.DataFrame, a: str, b: str) -> list[tuple[str, str]]:
+    return list(table[[a, b]].drop_duplicates().itertuples(index=False, name=None))

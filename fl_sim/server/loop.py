@@ -7,25 +7,28 @@ the best round on validation, and write each finished round to disk at once.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import pickle
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
 import yaml
 from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
+from sklearn.metrics import confusion_matrix
 
-from fl_sim.config import Run, StudyConfig
+from fl_sim.config import Run, RunConfig, StudyConfig, proximal_mu
 from fl_sim.errors import FlSimError
-from fl_sim.evaluation import evaluate
-from fl_sim.metrics import HEADLINE
-from fl_sim.server.run_log import RunLog, write_json_atomic
+from fl_sim.evaluation import predict
+from fl_sim.metrics import HEADLINE, classification_metrics
+from fl_sim.server.run_log import RunLog, json_line, read_metrics, write_json_atomic
 from fl_sim.strategies import build_strategy
-from fl_sim.task import load_data, load_model
+from fl_sim.task import build_model, load_data
 
 SPLITS = ("val", "test")
 log = logging.getLogger(__name__)
@@ -84,14 +87,27 @@ class RoundReport:
 
 
 @dataclass
-class _Best:
-    round: int = -1
-    score: float = float("nan")
-    record: dict = field(default_factory=dict)
+class RunState:
+    """Everything besides the weights and the strategy that a resumed run needs."""
+
+    round: int = 0
+    best_round: int = -1
+    best_score: float = float("-inf")
+    best: dict[str, Any] = field(default_factory=dict)
+    final: dict[str, Any] = field(default_factory=dict)
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    wall_time_s: float = 0.0
 
 
 class FederatedRun:
-    """One run of a study: strategy, global model, rounds, outputs in `run_dir`."""
+    """One run of a study: strategy, global model, rounds, outputs in `run_dir`.
+
+    After every round, `checkpoints/last.pt` holds the global weights, the pickled strategy
+    (FedAdam's moments, FedAvgM's momentum, ...) and the RunState, written atomically; a run
+    restarted after a crash continues from there. Clients draw their randomness from
+    (seed, client, round), so a resumed run repeats the uninterrupted one exactly on CPU.
+    """
 
     def __init__(self, study: StudyConfig, run: Run, run_dir: Path,
                  on_round: Callable[[RoundReport], None] | None = None) -> None:
@@ -101,50 +117,75 @@ class FederatedRun:
         data_json = study.data.model_dump_json()
         self.data = load_data(data_json)
         self.num_classes = len(self.data.classes)
-        self.model, self.preprocess = load_model(
-            self.cfg.model_dump_json(), self.num_classes, self.data.images.shape[1])
+        self.model, self.preprocess = build_model(self.cfg, self.num_classes, self.data.images.shape[1])
         self.config = ConfigRecord({"data-config": data_json,
                                     "run-config": self.cfg.model_dump_json()})
         self.min_clients = self.cfg.min_clients or self.data.num_clients
         if self.min_clients > self.data.num_clients:
             raise FlSimError(f"min_clients {self.min_clients} exceeds the partition's "
                              f"{self.data.num_clients} clients: lower it.")
-        self.bytes_sent = 0
-        self.bytes_received = 0
+        self.resolved = {"study": study.study, "run": run.name,
+                         "data": study.data.model_dump(mode="json"),
+                         "run_config": self.cfg.model_dump(mode="json")}
 
-    # ------------------------------------------------------------------ outputs
+    # ------------------------------------------------------------------ start or resume
 
-    def _write_run_files(self) -> None:
+    def _start_or_resume(self) -> tuple[ArrayRecord, Any, RunState]:
+        """Fresh weights and strategy, or those of the last completed round on disk."""
+        last = self.run_dir / "checkpoints" / "last.pt"
+        if last.exists():
+            ckpt = torch.load(last, weights_only=False)
+            if ckpt.get("config") != self.resolved:
+                raise FlSimError(
+                    f"{self.run_dir} holds a run with another configuration; delete that folder "
+                    "or change `out`/`study` to keep both.")
+            state = RunState(**ckpt["state"])
+            self._keep_rows_up_to(state.round)
+            return ArrayRecord(ckpt["state_dict"]), pickle.loads(ckpt["strategy"]), state
         (self.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        resolved = {"study": self.study.study, "run": self.run.name,
-                    "data": self.study.data.model_dump(mode="json"),
-                    "run_config": self.cfg.model_dump(mode="json")}
-        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(self.resolved, sort_keys=False))
         self.data.write_manifest(self.run_dir / "partition.csv")
+        self._keep_rows_up_to(-1)
+        strategy = build_strategy(self.cfg.strategy, self.data.num_clients, self.min_clients)
+        return ArrayRecord(self.model.state_dict()), strategy, RunState()
 
-    def _checkpoint(self, name: str, server_round: int, arrays: ArrayRecord) -> None:
+    def _keep_rows_up_to(self, server_round: int) -> None:
+        """Drop metric rows of a round that was cut off (it will be repeated)."""
+        path = self.run_dir / "metrics.jsonl"
+        if path.exists():
+            rows = [r for r in read_metrics(self.run_dir) if r["round"] <= server_round]
+            tmp = path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(json_line(r) for r in rows))
+            tmp.replace(path)
+
+    def _save(self, name: str, arrays: ArrayRecord, strategy: Any, state: RunState) -> None:
         path = self.run_dir / "checkpoints" / f"{name}.pt"
         tmp = path.with_suffix(".pt.tmp")
-        torch.save({"round": server_round, "run": self.run.name, "classes": self.data.classes,
-                    "state_dict": arrays.to_torch_state_dict()}, tmp)
+        torch.save({"round": state.round, "run": self.run.name, "classes": self.data.classes,
+                    "config": self.resolved, "state_dict": arrays.to_torch_state_dict(),
+                    "strategy": pickle.dumps(strategy), "state": dataclasses.asdict(state)}, tmp)
         tmp.replace(path)
 
     # ------------------------------------------------------------------ steps
 
     def _global_eval(self, server_round: int, arrays: ArrayRecord, log: RunLog) -> dict:
         self.model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
-        metrics = evaluate(self.model, self.data.images, self.data.labels,
-                           self.data.indices("global", "test"), self.preprocess,
-                           self.cfg.eval_batch_size, self.num_classes)
+        rows = self.data.indices("global", "test")
+        y_pred, loss = predict(self.model, self.data.images, self.data.labels, rows,
+                               self.preprocess, self.cfg.eval_batch_size)
+        y_true = self.data.labels[rows]
+        metrics = classification_metrics(y_true, y_pred, self.num_classes, loss=loss)
         log.row(server_round, "global", None, "test", metrics)
+        cm = confusion_matrix(y_true, y_pred, labels=np.arange(self.num_classes))
+        log.confusion("global/test/confusion", cm, self.data.classes, server_round)
         return metrics
 
     def _exchange(self, messages: list[Message], grid: Grid, kind: str,
-                  server_round: int) -> list[Message]:
-        self.bytes_sent += sum(payload_bytes(m) for m in messages)
+                  server_round: int, state: RunState) -> list[Message]:
+        state.bytes_sent += sum(payload_bytes(m) for m in messages)
         replies = send_and_check(grid, messages, kind, server_round,
                                  self.cfg.round_timeout_s, self.min_clients)
-        self.bytes_received += sum(payload_bytes(m) for m in replies)
+        state.bytes_received += sum(payload_bytes(m) for m in replies)
         return replies
 
     def _log_clients(self, server_round: int, replies: list[Message], log: RunLog) -> dict:
@@ -167,71 +208,86 @@ class FederatedRun:
         log.row(server_round, "federated", None, "val", federated)
         return federated
 
+    def _round(self, server_round: int, arrays: ArrayRecord, strategy: Any, grid: Grid,
+               log: RunLog, state: RunState) -> tuple[ArrayRecord, dict, dict]:
+        wait_for_clients(grid, self.min_clients, self.cfg.round_timeout_s, server_round)
+        messages = list(strategy.configure_train(server_round, arrays, self.config, grid))
+        replies = self._exchange(messages, grid, "train", server_round, state)
+        for reply in replies:
+            m = reply.content["metrics"]
+            log.row(server_round, "client", int(m["partition-id"]), "train",
+                    {"n": int(m["num-examples"]), "loss": float(m["train_loss"]),
+                     "steps": int(m["steps"]), "time_s": float(m["train_time_s"])})
+        arrays, _ = strategy.aggregate_train(server_round, replies)
+        if arrays is None:
+            raise FlSimError(f"round {server_round}: {self.cfg.strategy.name} aggregated nothing.")
+
+        wait_for_clients(grid, self.min_clients, self.cfg.round_timeout_s, server_round)
+        messages = list(strategy.configure_evaluate(server_round, arrays, self.config, grid))
+        replies = self._exchange(messages, grid, "evaluate", server_round, state)
+        federated_val = self._log_clients(server_round, replies, log)
+        return arrays, federated_val, self._global_eval(server_round, arrays, log)
+
     # ------------------------------------------------------------------ the loop
 
     def execute(self, grid: Grid) -> dict:
-        cfg = self.cfg
-        self._write_run_files()
-        strategy = build_strategy(cfg.strategy, self.data.num_clients, self.min_clients)
-        arrays = ArrayRecord(self.model.state_dict())
-        log = RunLog(self.run_dir)
-        start = time.perf_counter()
-        best, final = _Best(), {}
+        arrays, strategy, state = self._start_or_resume()
+        log = RunLog(self.run_dir, purge_step=state.round + 1 if state.round else None)
+        metric = self.cfg.selection_metric
         try:
-            final_global = self._global_eval(0, arrays, log)
-            for server_round in range(1, cfg.rounds + 1):
+            if state.round == 0:
+                self._global_eval(0, arrays, log)
+            for server_round in range(state.round + 1, self.cfg.rounds + 1):
                 t0 = time.perf_counter()
-                wait_for_clients(grid, self.min_clients, cfg.round_timeout_s, server_round)
-                train_msgs = list(strategy.configure_train(server_round, arrays, self.config, grid))
-                replies = self._exchange(train_msgs, grid, "train", server_round)
-                for reply in replies:
-                    m = reply.content["metrics"]
-                    log.row(server_round, "client", int(m["partition-id"]), "train",
-                            {"n": int(m["num-examples"]), "loss": float(m["train_loss"]),
-                             "steps": int(m["steps"]), "time_s": float(m["train_time_s"])})
-                aggregated, _ = strategy.aggregate_train(server_round, replies)
-                if aggregated is None:
-                    raise FlSimError(f"round {server_round}: {cfg.strategy.name} aggregated nothing.")
-                arrays = aggregated
-
-                wait_for_clients(grid, self.min_clients, cfg.round_timeout_s, server_round)
-                eval_msgs = list(strategy.configure_evaluate(server_round, arrays, self.config, grid))
-                replies = self._exchange(eval_msgs, grid, "evaluate", server_round)
-                federated_val = self._log_clients(server_round, replies, log)
-                final_global = self._global_eval(server_round, arrays, log)
-
-                self._checkpoint("last", server_round, arrays)
-                score = federated_val[cfg.selection_metric]
-                if cfg.selection_metric == "loss":
-                    score = -score
-                if best.round < 0 or score > best.score:
-                    best = _Best(server_round, score, {"federated_val": federated_val,
-                                                       "global_test": final_global})
-                    self._checkpoint("best", server_round, arrays)
-                final = {"round": server_round, "federated_val": federated_val,
-                         "global_test": final_global}
+                arrays, federated_val, global_test = self._round(
+                    server_round, arrays, strategy, grid, log, state)
+                score = -federated_val[metric] if metric == "loss" else federated_val[metric]
+                record = {"round": server_round, "federated_val": federated_val,
+                          "global_test": global_test}
+                state.round, state.final = server_round, record
+                is_best = score > state.best_score
+                if is_best:
+                    state.best_round, state.best_score, state.best = server_round, score, record
                 seconds = time.perf_counter() - t0
+                state.wall_time_s += seconds
                 log.scalar("time/round_s", seconds, server_round)
-                self._write_summary(best, final, time.perf_counter() - start, done=False)
+                if is_best:
+                    self._save("best", arrays, strategy, state)
+                self._save("last", arrays, strategy, state)
+                self._write_summary(state, done=False)
                 if self.on_round:
-                    self.on_round(RoundReport(server_round, cfg.rounds, seconds, final_global,
-                                              federated_val, best.round))
+                    self.on_round(RoundReport(server_round, self.cfg.rounds, seconds, global_test,
+                                              federated_val, state.best_round))
+            summary = self._write_summary(state, done=True)
+            log.hparams(hparams_of(self.cfg), {
+                f"hparams/{when}_{scope}_{k}": summary[when][scope][k]
+                for when in ("best", "final") for scope in ("global_test", "federated_val")
+                for k in (*HEADLINE, "avg")})
         finally:
             log.close()
-        return self._write_summary(best, final, time.perf_counter() - start, done=True)
+        return summary
 
-    def _write_summary(self, best: _Best, final: dict, wall: float, done: bool) -> dict:
+    def _write_summary(self, state: RunState, done: bool) -> dict:
         summary = {
             "run": self.run.name,
             "complete": done,
             "rounds": self.cfg.rounds,
+            "rounds_done": state.round,
             "selection": f"federated val {self.cfg.selection_metric} (mean of clients, by n)",
-            "best": {"round": best.round, **best.record},
-            "final": final,
-            "headline_metrics": list(HEADLINE) + ["avg"],
-            "wall_time_s": wall,
-            "bytes_sent": self.bytes_sent,
-            "bytes_received": self.bytes_received,
+            "best": state.best,
+            "final": state.final,
+            "wall_time_s": state.wall_time_s,
+            "bytes_sent": state.bytes_sent,
+            "bytes_received": state.bytes_received,
         }
         write_json_atomic(self.run_dir / "summary.json", summary)
         return summary
+
+
+def hparams_of(cfg: RunConfig) -> dict[str, Any]:
+    """The settings TensorBoard's HParams table compares runs by."""
+    return {"strategy": cfg.strategy.name, "weighting": cfg.strategy.weighting,
+            "mu": proximal_mu(cfg.strategy) if cfg.strategy.name == "fedprox" else 0.0,
+            "model": cfg.model.name,
+            "optimizer": cfg.optimizer.name, "training": cfg.training, "seed": cfg.seed,
+            "local_epochs": cfg.local_epochs, "batch_size": cfg.batch_size}

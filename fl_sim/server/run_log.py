@@ -1,6 +1,8 @@
 """Where a run's numbers land: metrics.jsonl (one wide row per line) and TensorBoard.
 
-Rows are flushed as they are written, so a crash loses no finished round.
+Rows are flushed as they are written, so a crash loses no finished round. TensorBoard gets
+the same scalars (tags `global/test/bacc`, `client_0/val/acc`, so runs overlay), a confusion
+matrix image per round, a custom-scalars layout and the run's HParams entry.
 """
 
 from __future__ import annotations
@@ -10,26 +12,46 @@ import os
 from pathlib import Path
 from typing import Any
 
-from torch.utils.tensorboard import SummaryWriter
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from torch.utils.tensorboard import SummaryWriter  # noqa: E402
+from torch.utils.tensorboard.summary import hparams  # noqa: E402
 
 KEY_ORDER = ("round", "scope", "client", "split", "n", "loss", "acc", "bacc", "precision",
              "recall", "f1", "avg")
+LAYOUT_METRICS = ("acc", "bacc", "precision", "recall", "f1", "avg", "loss")
+
+
+def json_line(row: dict[str, Any]) -> str:
+    return json.dumps(row) + "\n"
 
 
 class RunLog:
-    """Appends metric rows for one run; TensorBoard tags `global/test/bacc`, `client_0/val/acc`."""
+    """Appends metric rows for one run.
 
-    def __init__(self, run_dir: Path) -> None:
+    `purge_step` (on resume) makes TensorBoard drop the events a cut-off round left behind.
+    """
+
+    def __init__(self, run_dir: Path, purge_step: int | None = None) -> None:
         self.run_dir = run_dir
         self._jsonl = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
-        self._tb = SummaryWriter(log_dir=str(run_dir))
+        self._tb = SummaryWriter(log_dir=str(run_dir), purge_step=purge_step)
+        # One chart per metric; TensorBoard draws every run of the study in it, so fedavg
+        # and fedprox overlay.
+        self._tb.add_custom_scalars({
+            scope: {m: ["Multiline", [f"^{tag}/{m}$"]] for m in LAYOUT_METRICS}
+            for scope, tag in (("global test", "global/test"), ("federated val", "federated/val"))
+        })
 
     def row(self, server_round: int, scope: str, client: int | None, split: str,
             metrics: dict[str, float]) -> dict[str, Any]:
         row = {"round": server_round, "scope": scope, "client": client, "split": split}
         row.update({k: metrics[k] for k in KEY_ORDER if k in metrics})
         row.update({k: v for k, v in metrics.items() if k not in row})
-        self._jsonl.write(json.dumps(row) + "\n")
+        self._jsonl.write(json_line(row))
         self._jsonl.flush()
         prefix = f"client_{client}" if scope == "client" else scope
         for key, value in metrics.items():
@@ -39,6 +61,30 @@ class RunLog:
 
     def scalar(self, tag: str, value: float, server_round: int) -> None:
         self._tb.add_scalar(tag, value, server_round)
+
+    def confusion(self, tag: str, matrix: np.ndarray, classes: list[str], server_round: int) -> None:
+        """The confusion matrix as an image (rows: true class, columns: predicted)."""
+        fig, ax = plt.subplots(figsize=(4.5, 4))
+        ax.imshow(matrix, cmap="Blues")
+        ticks = np.arange(len(classes))
+        ax.set_xticks(ticks, classes, rotation=45)
+        ax.set_yticks(ticks, classes)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(f"{tag}, round {server_round}")
+        for (i, j), v in np.ndenumerate(matrix):
+            ax.text(j, i, str(v), ha="center", va="center", fontsize=7,
+                    color="white" if v > matrix.max() / 2 else "black")
+        fig.tight_layout()
+        self._tb.add_figure(tag, fig, server_round)  # closes the figure
+
+    def hparams(self, params: dict[str, Any], metrics: dict[str, float]) -> None:
+        """The run's HParams entry, in the run's own folder so the table lists it by name."""
+        writer = self._tb._get_file_writer()
+        for summary in hparams(params, metrics):
+            writer.add_summary(summary)
+        for tag, value in metrics.items():
+            self._tb.add_scalar(tag, value)
 
     def close(self) -> None:
         self._jsonl.close()

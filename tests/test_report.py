@@ -1,0 +1,181 @@
+"""`fl-sim report` on fake but consistent run directories: files, numbers, winners, skips."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from fl_sim.config import RunConfig, run_name
+from fl_sim.errors import FlSimError
+from fl_sim.report import load_study, seed_table, write_report
+from fl_sim.report.markdown import winner_line
+from fl_sim.report.tables import winners
+
+HEADLINE = ("acc", "bacc", "precision", "recall", "f1")
+STRATEGIES = ({"name": "fedavg"}, {"name": "fedprox", "proximal_mu": 0.01})
+CLIENTS, ROUNDS = 3, 3
+
+
+def write_run(study: Path, strategy: dict, model: str, seed: int, seed_effect: float = 0.01,
+              complete: bool = True, **settings) -> Path:
+    """A run directory as FederatedRun writes it; fedprox scores 0.1 above fedavg, the
+    second model 0.05 above the first, and the best round is 2 for seed 0, 3 for seed 1."""
+    cfg = RunConfig(rounds=ROUNDS, model={"name": model}, strategy=strategy, seed=seed, **settings)
+    run_dir = study / run_name(cfg)
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(
+        {"study": study.name, "run": run_dir.name, "data": {"dataset": "synthetic"},
+         "run_config": cfg.model_dump(mode="json")}, sort_keys=False))
+    base = (0.4 + 0.1 * (strategy["name"] == "fedprox") + 0.05 * model.endswith("1")
+            + seed_effect * seed)
+
+    def metrics(r: int, client: int | None, split: str) -> dict:
+        shift = 0.02 * r + (split == "val") * 0.01
+        shift += 0.03 * (client + 1) if client is not None else 0
+        m = {"n": 100, "loss": 1 - shift}
+        m.update({k: round(base + shift - 0.01 * i, 6) for i, k in enumerate(HEADLINE)})
+        m["avg"] = sum(m[k] for k in HEADLINE) / len(HEADLINE)
+        return m
+
+    rows = [{"round": 0, "scope": "global", "client": None, "split": "test",
+             **metrics(0, None, "test")}]
+    for r in range(1, ROUNDS + 1):
+        rows += [{"round": r, "scope": "client", "client": c, "split": "train", "n": 300,
+                  "loss": 0.5} for c in range(CLIENTS)]
+        rows += [{"round": r, "scope": "client", "client": c, "split": s, **metrics(r, c, s)}
+                 for c in range(CLIENTS) for s in ("val", "test")]
+        rows.append({"round": r, "scope": "federated", "client": None, "split": "val",
+                     **metrics(r, None, "val")})
+        rows.append({"round": r, "scope": "global", "client": None, "split": "test",
+                     **metrics(r, None, "test")})
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    best = 2 + seed if complete else 1
+    (run_dir / "summary.json").write_text(json.dumps(
+        {"run": run_dir.name, "complete": complete, "rounds": ROUNDS, "best": {"round": best},
+         "final": {"round": ROUNDS if complete else 1}, "wall_time_s": 12.5,
+         "bytes_sent": 2_000_000}))
+    return run_dir
+
+
+def write_study(study: Path, models: tuple[str, ...] = ("tiny0", "tiny1"), **kwargs) -> Path:
+    for strategy in STRATEGIES:
+        for model in models:
+            for seed in (0, 1):
+                write_run(study, strategy, model, seed, **kwargs)
+    return study
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory) -> Path:
+    study = write_study(tmp_path_factory.mktemp("out") / "fake")
+    write_run(study, STRATEGIES[0], "tiny0", 7, complete=False)
+    return write_report(study)
+
+
+def expected(study: Path, strategy: str, model: str, test_set: str) -> dict[str, list[float]]:
+    """Per metric, the values of the seeds' runs, straight from metrics.jsonl at the best round."""
+    values: dict[str, list[float]] = {m: [] for m in (*HEADLINE, "avg")}
+    for seed in (0, 1):
+        run_dir = study / f"{strategy}_{model}_sgd_s{seed}"
+        best = json.loads((run_dir / "summary.json").read_text())["best"]["round"]
+        for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+            row = json.loads(line)
+            where = "global" if row["scope"] == "global" else f"client {row['client']}"
+            if row["round"] == best and row["split"] == "test" and where == test_set:
+                for m in values:
+                    values[m].append(row[m])
+    return values
+
+
+def test_writes_tables_and_figures(report: Path):
+    out = report.parent
+    assert report.name == "report.md" and report.exists()
+    assert (out / "test_metrics.csv").exists()
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert pngs == ["clients_tiny0_sgd.png", "clients_tiny1_sgd.png",
+                    "convergence_tiny0_sgd.png", "convergence_tiny1_sgd.png",
+                    "spider_fedavg_sgd.png", "spider_fedprox-mu0.01_sgd.png"]
+    text = report.read_text()
+    assert all(f"]({p})" in text for p in pngs)
+
+
+def test_numbers_match_metrics_jsonl(report: Path):
+    study = report.parent.parent
+    table = pd.read_csv(report.parent / "test_metrics.csv")
+    assert len(table) == 2 * 2 * (1 + CLIENTS)  # strategies x models x (global + clients)
+    text = report.read_text()
+    for _, row in table.iterrows():
+        values = expected(study, row["strategy"], row["model"], row["test_set"])
+        assert row["seeds"] == 2
+        for metric, seeds in values.items():
+            assert len(seeds) == 2
+            assert row[f"{metric}_mean"] == pytest.approx(statistics.mean(seeds))
+            assert row[f"{metric}_std"] == pytest.approx(statistics.stdev(seeds))
+        cell = f"{statistics.mean(values['bacc']):.3f} ± {statistics.stdev(values['bacc']):.3f}"
+        assert cell in text
+
+
+def test_winners_name_the_better_strategy(report: Path):
+    section = report.read_text().split("## Winners")[1].split("\n## ")[0]
+    lines = [line for line in section.splitlines() if line.startswith("- ")]
+    assert len(lines) == 6
+    for line in lines:
+        # fedprox + the second model is best, fedprox + the first next: gap 0.05, std ~0.02.
+        assert ": fedprox-mu0.01 · tiny1 · sgd (" in line
+        assert "leads fedprox-mu0.01 · tiny0 · sgd" in line and "by 0.050" in line
+        assert "which exceeds the seed spread" in line
+
+
+def test_gap_within_seed_spread_is_said(tmp_path: Path):
+    # A seed moves every score by 0.3: the 0.05 gap between the models is seed noise.
+    report = write_report(write_study(tmp_path / "noisy", seed_effect=0.3))
+    assert report.read_text().count("which is within the seed spread") == 6
+
+
+def test_incomplete_runs_are_listed_as_skipped(report: Path):
+    skipped = report.read_text().split("## Skipped runs")[1].split("\n## ")[0]
+    assert "`fedavg_tiny0_sgd_s7`: not complete (1 of 3 rounds finished)" in skipped
+    assert "fedavg_tiny0_sgd_s7" not in report.read_text().split("## Skipped runs")[0]
+
+
+def test_single_seed_and_broken_runs(tmp_path: Path):
+    study = tmp_path / "one_seed"
+    for strategy in STRATEGIES:
+        write_run(study, strategy, "tiny0", 0)
+    (write_run(study, STRATEGIES[0], "tiny0", 5) / "summary.json").unlink()
+    loaded = load_study(study)
+    assert loaded.skipped == [("fedavg_tiny0_sgd_s5", "no summary.json")]
+    line = winner_line(winners(seed_table(loaded.at_best()))[0])
+    assert line.startswith("**ACC**: fedprox-mu0.01 · tiny0 · sgd (0.540) leads fedavg")
+    assert line.endswith("seed spread unknown (a single seed)")
+
+
+def test_settings_beyond_the_labels_are_not_mixed(tmp_path: Path):
+    study = tmp_path / "epochs"
+    for epochs in (1, 2):
+        for seed in (0, 1):
+            write_run(study, STRATEGIES[0], "tiny0", seed, local_epochs=epochs)
+            # run_name leaves local_epochs out; the grid would add it to the folder name
+            run_dir = study / f"fedavg_tiny0_sgd_s{seed}"
+            run_dir.rename(study / f"{run_dir.name}_local_epochs{epochs}")
+    table = pd.read_csv(write_report(study).parent / "test_metrics.csv")
+    assert set(table["strategy"]) == {"fedavg [local_epochs=1]", "fedavg [local_epochs=2]"}
+    assert set(table["seeds"]) == {2}
+
+
+def test_three_backbones_make_a_spider_plot(tmp_path: Path):
+    report = write_report(write_study(tmp_path / "three", models=("tiny0", "tiny1", "tiny2")))
+    assert len(list(report.parent.glob("spider_*.png"))) == 2
+
+
+def test_study_without_runs_is_an_error(tmp_path: Path):
+    (tmp_path / "empty" / "notes").mkdir(parents=True)
+    with pytest.raises(FlSimError, match="no run in .*empty"):
+        write_report(tmp_path / "empty")
+    with pytest.raises(FlSimError, match="missing.* does not exist"):
+        write_report(tmp_path / "missing")
