@@ -31,6 +31,13 @@ def parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="compare a study's runs: tables, winners, figures")
     report.add_argument("study_dir", help="<out>/<study>, the folder holding the run directories")
 
+    bench = sub.add_parser("bench", help="fl-sim against the plain PyTorch loop and the hardware")
+    bench.add_argument("--quick", action="store_true", help="small sizes: under 2 minutes on 2 cores")
+    bench.add_argument("--ham-root", default="../shared/data/HAM10000-200x150",
+                       help="a HAM10000 copy for the data row (JPEGs)")
+    bench.add_argument("--output", default="BENCHMARKS.md", help="file the table is appended to")
+    bench.add_argument("--no-write", action="store_true", help="print only")
+
     data = sub.add_parser("data", help="datasets and partitions")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     inspect = data_sub.add_parser("inspect", help="per client and split: image and class counts")
@@ -76,6 +83,11 @@ def main(argv: list[str] | None = None) -> int:
             from fl_sim.report import write_report  # pandas/matplotlib: keep other commands fast
 
             console.print(f"report written: {write_report(Path(args.study_dir))}")
+        elif args.command == "bench":
+            from fl_sim.bench import run_bench
+
+            run_bench(args.quick, Path(args.ham_root), None if args.no_write else Path(args.output),
+                      console)
         elif args.command == "data":
             cmd_data_inspect(args, console)
     except FlSimError as err:

@@ -6,6 +6,7 @@ A study file has four top-level keys:
     data:      dataset, root, image size, partition, global test set (shared by all runs)
     defaults:  one run's settings (rounds, epochs, batch size, model, optimizer, strategy, ...)
     grid:      lists of alternatives for any key of `defaults`, expanded as a product
+               (or a list of such grids: the runs of each, one after the other)
 
 Unknown keys are rejected with their path named; numbers are range-checked.
 """
@@ -218,18 +219,25 @@ class StudyConfig(Strict):
     out: Path = Field(Path("runs"), description="output directory; runs land in <out>/<study>/")
     data: DataConfig = DataConfig()
     defaults: RunConfig = RunConfig()
-    grid: dict[str, list[Any]] = Field({}, description="key of `defaults` -> alternatives")
+    grid: dict[str, list[Any]] | list[dict[str, list[Any]]] = Field(
+        {}, description="key of `defaults` -> alternatives; or a list of such grids"
+    )
+
+    @property
+    def grids(self) -> list[dict[str, list[Any]]]:
+        return self.grid if isinstance(self.grid, list) else [self.grid]
 
     @model_validator(mode="after")
     def _grid_keys_exist(self) -> StudyConfig:
-        for key, values in self.grid.items():
-            if key not in RunConfig.model_fields:
-                raise ValueError(
-                    f"grid key {key!r} is not a run setting; use one of: "
-                    + ", ".join(RunConfig.model_fields)
-                )
-            if not values:
-                raise ValueError(f"grid.{key} is an empty list")
+        for grid in self.grids:
+            for key, values in grid.items():
+                if key not in RunConfig.model_fields:
+                    raise ValueError(
+                        f"grid key {key!r} is not a run setting; use one of: "
+                        + ", ".join(RunConfig.model_fields)
+                    )
+                if not values:
+                    raise ValueError(f"grid.{key} is an empty list")
         return self
 
 
@@ -279,30 +287,18 @@ def format_validation_error(err: ValidationError) -> str:
     return "\n".join(lines)
 
 
+# What a scalar alternative of a sub-config sets (`model: [convnext_t, swin_t]`).
+SCALAR_KEY = {"clip": "text_model", "resources": "num_cpus"}
+
+
 def expand_grid(study: StudyConfig) -> list[Run]:
-    """The product of the grid's alternatives over the defaults, each with a readable name."""
-    keys = list(study.grid)
+    """The product of each grid's alternatives over the defaults, with readable names."""
     base = study.defaults.model_dump()
     runs = []
-    for combo in itertools.product(*(study.grid[k] for k in keys)):
-        raw = dict(base)
-        for key, value in zip(keys, combo):
-            # A sub-config (model, optimizer, strategy, ...) is updated, not replaced: a
-            # scalar alternative sets its name, a mapping sets the keys it names.
-            if isinstance(base[key], dict):
-                update = value if isinstance(value, dict) else {"name": value}
-                raw[key] = {**base[key], **update}
-            else:
-                raw[key] = value
-        try:
-            config = RunConfig.model_validate(raw)
-        except ValidationError as err:
-            raise ValidationError.from_exception_data(
-                "grid", [{**e, "loc": ("grid", *e["loc"])} for e in err.errors()]
-            ) from None
-        extras = [f"{k}{v:g}" if isinstance(v, float) else f"{k}{v}" for k, v in zip(keys, combo)
-                  if k not in NAMED_KEYS and not isinstance(v, (dict, list))]
-        runs.append(Run(name="_".join([run_name(config), *extras]), config=config))
+    for grid in study.grids:
+        keys = list(grid)
+        for combo in itertools.product(*(grid[k] for k in keys)):
+            runs.append(_expand_one(base, keys, combo))
     names = [r.name for r in runs]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
@@ -310,7 +306,28 @@ def expand_grid(study: StudyConfig) -> list[Run]:
     return runs
 
 
-NAMED_KEYS = {"strategy", "model", "optimizer", "training", "seed"}  # already in run_name
+def _expand_one(base: dict[str, Any], keys: list[str], combo: tuple) -> Run:
+    raw = dict(base)
+    for key, value in zip(keys, combo):
+        # A sub-config (model, optimizer, strategy, ...) is updated, not replaced: a scalar
+        # alternative sets its name (see SCALAR_KEY), a mapping sets the keys it names.
+        if isinstance(base[key], dict):
+            update = value if isinstance(value, dict) else {SCALAR_KEY.get(key, "name"): value}
+            raw[key] = {**base[key], **update}
+        else:
+            raw[key] = value
+    try:
+        config = RunConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ValidationError.from_exception_data(
+            "grid", [{**e, "loc": ("grid", *e["loc"])} for e in err.errors()]
+        ) from None
+    extras = [f"{k}{v:g}" if isinstance(v, float) else f"{k}{v}" for k, v in zip(keys, combo)
+              if k not in NAMED_KEYS and not isinstance(v, (dict, list))]
+    return Run(name="_".join([run_name(config), *extras]), config=config)
+
+
+NAMED_KEYS = {"strategy", "model", "optimizer", "training", "clip", "seed"}  # in run_name
 
 
 def run_name(cfg: RunConfig) -> str:
@@ -325,8 +342,9 @@ def run_name(cfg: RunConfig) -> str:
     if cfg.optimizer.lr is not None:
         optimizer += f"-lr{cfg.optimizer.lr:g}"
     parts = [strategy, model, optimizer]
-    if cfg.training != "supervised":
-        parts.append(cfg.training)
+    if cfg.training == "clip":
+        tower = cfg.clip.text_model.rstrip("/").rsplit("/", 1)[-1].replace(":", "-")
+        parts.append(f"clip-{tower}" + ("" if cfg.clip.loss == "clip" else f"-{cfg.clip.loss}"))
     return "_".join(parts) + f"_s{cfg.seed}"
 
 

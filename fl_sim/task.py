@@ -9,6 +9,7 @@ process serves every partition that the process happens to run.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -17,6 +18,7 @@ from torch import nn
 from fl_sim.config import DataConfig, RunConfig
 from fl_sim.data_partition import FederatedData, prepare_data
 from fl_sim.models import create_model, normalization
+from fl_sim.models.clip import create_clip_model
 from fl_sim.transforms import BatchPreprocessor
 
 
@@ -26,21 +28,27 @@ def load_data(data_json: str) -> FederatedData:
     return prepare_data(DataConfig.model_validate_json(data_json), progress=False)
 
 
-def build_model(cfg: RunConfig, num_classes: int, image_size: int) -> tuple[nn.Module, BatchPreprocessor]:
+def build_model(cfg: RunConfig, class_names: Sequence[str],
+                image_size: int) -> tuple[nn.Module, BatchPreprocessor]:
     """A fresh model of the run (initial weights from the run's seed) on this process's
-    device, and the matching batch preprocessor."""
+    device, and the matching batch preprocessor. `class_names` are the readable names: the
+    CLIP variant writes them into its prompts."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(cfg.seed)
-    model = create_model(cfg.model, num_classes, image_size).to(device)
-    model = model.to(memory_format=torch.channels_last)
+    if cfg.training == "clip":
+        model = create_clip_model(cfg.model, cfg.clip, class_names, image_size)
+    else:
+        model = create_model(cfg.model, len(class_names), image_size)
+    model = model.to(device).to(memory_format=torch.channels_last)
     input_size = cfg.model.input_size or image_size
     return model, BatchPreprocessor(input_size, normalization(cfg.model), device)
 
 
 @functools.lru_cache(maxsize=1)
-def load_model(run_json: str, num_classes: int, image_size: int) -> tuple[nn.Module, BatchPreprocessor]:
+def load_model(run_json: str, class_names: tuple[str, ...],
+               image_size: int) -> tuple[nn.Module, BatchPreprocessor]:
     """build_model, once per process: clients overwrite the weights from every message."""
-    return build_model(RunConfig.model_validate_json(run_json), num_classes, image_size)
+    return build_model(RunConfig.model_validate_json(run_json), class_names, image_size)
 
 
 def client_rng(seed: int, partition_id: int, server_round: int, stream: int) -> np.random.Generator:

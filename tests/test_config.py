@@ -18,10 +18,10 @@ def write(tmp_path: Path, obj: dict) -> Path:
     return path
 
 
-def test_the_shipped_paper_study_expands_to_120_named_runs():
+def test_the_shipped_paper_study_expands_to_its_192_named_runs():
     study = load_study(ROOT / "experiments.yaml")
     runs = expand_grid(study)
-    assert len(runs) == 12 * 5 * 2
+    assert len(runs) == 12 * 5 * 2 + 12 * 3 * 2
     names = [r.name for r in runs]
     assert "fedprox-mu0.01_convnext_t_sgd_s0" in names
     assert "fedavg_vit_l_16_adadelta_s0" in names
@@ -30,6 +30,10 @@ def test_the_shipped_paper_study_expands_to_120_named_runs():
     assert (run.strategy.name, run.strategy.proximal_mu, run.model.name, run.optimizer.name) == (
         "fedprox", 0.01, "swin_b", "adamw")
     assert run.rounds == 50 and run.batch_size == 32 and run.model.pretrained is True
+    clip = [r.config for r in runs if r.config.training == "clip"]
+    assert len(clip) == 72 and {c.clip.text_model for c in clip} == {"ViT-L-14", "RN50x16", "RN50x64"}
+    assert {(c.batch_size, c.optimizer.name, c.clip.text_pretrained) for c in clip} == {(16, "adagrad", "openai")}
+    assert "fedprox-mu0.01_swin_t_adagrad_clip-RN50x64_s0_batch_size16" in names
 
 
 def test_grid_values_beyond_the_named_keys_enter_the_run_name(tmp_path):
@@ -72,7 +76,7 @@ def test_cli_overrides_and_dry_run(tmp_path, capsys):
     assert main(["run", str(ROOT / "experiments.yaml"), "--data-root", str(tmp_path),
                  "--out", str(tmp_path / "o"), "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "120 runs" in out and "fedprox-mu0.01_convnext_t_sgd_s0" in out
+    assert "192 runs" in out and "fedprox-mu0.01_convnext_t_sgd_s0" in out
     study = load_study(ROOT / "experiments.yaml", data_root=tmp_path, out=tmp_path / "o")
     assert study.data.root == tmp_path and study.out == tmp_path / "o"
 

@@ -43,7 +43,7 @@ def _setup(msg: Message, context: Context):
     run_json = str(config["run-config"])
     run_cfg = RunConfig.model_validate_json(run_json)
     data = load_data(data_cfg.model_dump_json())
-    model, preprocess = load_model(run_json, len(data.classes), data.images.shape[1])
+    model, preprocess = load_model(run_json, tuple(data.class_names), data.images.shape[1])
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict(), strict=True)
     partition_id = int(context.node_config["partition-id"])
     return config, run_cfg, data, model, preprocess, partition_id

@@ -9,6 +9,7 @@ from torch import nn
 
 from fl_sim.config import OptimizerConfig, RunConfig
 from fl_sim.evaluation import autocast
+from fl_sim.models.clip import clip_batch_loss
 from fl_sim.strategies.fedprox import proximal_term
 from fl_sim.transforms import BatchPreprocessor, augment
 
@@ -37,8 +38,13 @@ def optimizer_kwargs(cfg: OptimizerConfig) -> dict:
 
 
 def make_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
-    return _OPTIMIZERS[cfg.name](params, **optimizer_kwargs(cfg))
+    # CLIP's temperature takes no weight decay (decay would pull the logit scale toward 1).
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [{"params": [p for n, p in named if n != "logit_scale"]}]
+    no_decay = [p for n, p in named if n == "logit_scale"]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return _OPTIMIZERS[cfg.name](groups, **optimizer_kwargs(cfg))
 
 
 def train_local(
@@ -77,7 +83,10 @@ def train_local(
                 x = augment(x, generator)
             y = torch.from_numpy(labels[idx]).to(device)
             with autocast(device):
-                loss = F.cross_entropy(model(x).float(), y)
+                if cfg.training == "clip":
+                    loss = clip_batch_loss(model, x, y, cfg.clip.loss)
+                else:
+                    loss = F.cross_entropy(model(x).float(), y)
             objective = loss
             if global_params is not None:
                 objective = loss + proximal_term(model, global_params, proximal_mu)

@@ -27,23 +27,7 @@ from fl_sim.models.registry import create_model
 
 log = logging.getLogger(__name__)
 
-# HAM10000's diagnosis codes (the `dx` column) as words a text encoder has seen.
-HAM10000_CLASS_NAMES: dict[str, str] = {
-    "nv": "melanocytic nevus",
-    "mel": "melanoma",
-    "bkl": "benign keratosis",
-    "bcc": "basal cell carcinoma",
-    "akiec": "actinic keratosis",
-    "vasc": "vascular lesion",
-    "df": "dermatofibroma",
-}
-
 MAX_LOGIT_SCALE = 100.0  # CLIP's clamp: keeps the learnt temperature from collapsing
-
-
-def readable_class_names(classes: Sequence[str]) -> tuple[str, ...]:
-    """Class codes (`nv`, `mel`, ...) as prompt words; names already readable pass through."""
-    return tuple(HAM10000_CLASS_NAMES.get(c.lower(), c.replace("_", " ")) for c in classes)
 
 
 def prompts(templates: Sequence[str], class_names: Sequence[str]) -> list[str]:
@@ -92,9 +76,13 @@ def load_text_tower(text_model: str, pretrained: str | None) -> nn.Module:
             "own weights. Set `clip.text_pretrained: null`."
         )
     try:
-        # OpenAI's weights were trained with QuickGELU, which the plain configs (ViT-L-14) lack.
-        model = open_clip.create_model(text_model, pretrained=pretrained, device="cpu",
-                                       force_quick_gelu=bool(tag_cfg.get("quick_gelu")))
+        # A randomly initialised tower (tests) must be the same in the server and every client,
+        # whatever their RNG state, and must leave that state alone.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            # OpenAI's weights were trained with QuickGELU, which plain configs (ViT-L-14) lack.
+            model = open_clip.create_model(text_model, pretrained=pretrained, device="cpu",
+                                           force_quick_gelu=bool(tag_cfg.get("quick_gelu")))
     except Exception as err:  # download without network, a weights file of another model
         raise FlSimError(
             f"could not build the open_clip text tower {text_model!r} "
@@ -185,14 +173,14 @@ class ClipClassifier(nn.Module):
 
 
 def create_clip_model(
-    model_cfg: ModelConfig, clip_cfg: ClipConfig, classes: Sequence[str], image_size: int
+    model_cfg: ModelConfig, clip_cfg: ClipConfig, class_names: Sequence[str], image_size: int
 ) -> ClipClassifier:
-    """The CLIP variant for `classes` (codes such as `nv` or readable names).
+    """The CLIP variant for `class_names`, readable ones (FederatedData.class_names).
 
     The encoder is the registry's backbone without a head (timm's pooled features).
     """
     text = class_text_features(clip_cfg.text_model, clip_cfg.text_pretrained,
-                               tuple(clip_cfg.templates), readable_class_names(classes))
+                               tuple(clip_cfg.templates), tuple(class_names))
     encoder = create_model(model_cfg, num_classes=0, image_size=image_size)
     feature_dim = getattr(encoder, "head_hidden_size", None) or encoder.num_features
     return ClipClassifier(encoder, feature_dim, text, clip_cfg.learn_temperature)

@@ -97,7 +97,7 @@ class RunState:
     final: dict[str, Any] = field(default_factory=dict)
     bytes_sent: int = 0
     bytes_received: int = 0
-    wall_time_s: float = 0.0
+    round_seconds: list[float] = field(default_factory=list)
 
 
 class FederatedRun:
@@ -117,7 +117,8 @@ class FederatedRun:
         data_json = study.data.model_dump_json()
         self.data = load_data(data_json)
         self.num_classes = len(self.data.classes)
-        self.model, self.preprocess = build_model(self.cfg, self.num_classes, self.data.images.shape[1])
+        self.model, self.preprocess = build_model(self.cfg, self.data.class_names,
+                                                 self.data.images.shape[1])
         self.config = ConfigRecord({"data-config": data_json,
                                     "run-config": self.cfg.model_dump_json()})
         self.min_clients = self.cfg.min_clients or self.data.num_clients
@@ -239,6 +240,7 @@ class FederatedRun:
                 self._global_eval(0, arrays, log)
             for server_round in range(state.round + 1, self.cfg.rounds + 1):
                 t0 = time.perf_counter()
+                sent, received = state.bytes_sent, state.bytes_received
                 arrays, federated_val, global_test = self._round(
                     server_round, arrays, strategy, grid, log, state)
                 score = -federated_val[metric] if metric == "loss" else federated_val[metric]
@@ -249,8 +251,10 @@ class FederatedRun:
                 if is_best:
                     state.best_round, state.best_score, state.best = server_round, score, record
                 seconds = time.perf_counter() - t0
-                state.wall_time_s += seconds
+                state.round_seconds.append(seconds)
                 log.scalar("time/round_s", seconds, server_round)
+                log.scalar("comm/bytes_sent", state.bytes_sent - sent, server_round)
+                log.scalar("comm/bytes_received", state.bytes_received - received, server_round)
                 if is_best:
                     self._save("best", arrays, strategy, state)
                 self._save("last", arrays, strategy, state)
@@ -276,7 +280,8 @@ class FederatedRun:
             "selection": f"federated val {self.cfg.selection_metric} (mean of clients, by n)",
             "best": state.best,
             "final": state.final,
-            "wall_time_s": state.wall_time_s,
+            "wall_time_s": sum(state.round_seconds),
+            "round_seconds": state.round_seconds,
             "bytes_sent": state.bytes_sent,
             "bytes_received": state.bytes_received,
         }

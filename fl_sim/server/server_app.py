@@ -7,10 +7,13 @@ config). The module-level `app` is what `[tool.flwr.app]` names for Flower's own
 
 from __future__ import annotations
 
+import tempfile
+from logging import INFO
 from pathlib import Path
 from typing import Callable
 
-from flwr.app import Context
+from flwr.app import Context, UserConfig
+from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from fl_sim.config import Run, StudyConfig, expand_grid, load_study
@@ -34,18 +37,40 @@ def make_server_app(study: StudyConfig, run: Run,
     return app
 
 
+def _study_from_run_config(cfg: UserConfig) -> StudyConfig:
+    """The study named by the run config. `fl-sim deploy submit` also ships the file's text as
+    `study-yaml`: the submitting machine's path means nothing where the ServerApp runs."""
+    overrides = {"data_root": cfg.get("data-root") or None, "out": cfg.get("out") or None}
+    text = str(cfg.get("study-yaml", ""))
+    if not text:
+        return load_study(str(cfg["study-config"]), **overrides)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / Path(str(cfg["study-config"])).name
+        path.write_text(text)
+        return load_study(path, **overrides)
+
+
+def _log_round(r: RoundReport) -> None:
+    """Progress for `flwr run --stream` / `fl-sim deploy submit --stream`."""
+    g = r.global_test
+    log(INFO, "fl-sim: round %d/%d in %.1f s, global test acc %.3f bacc %.3f avg %.3f "
+        "(best round %d)", r.server_round, r.rounds, r.seconds, g["acc"], g["bacc"], g["avg"],
+        r.best_round)
+
+
 app = ServerApp()
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg = context.run_config
-    study = load_study(str(cfg["study-config"]), data_root=cfg.get("data-root") or None,
-                       out=cfg.get("out") or None)
+    study = _study_from_run_config(cfg)
     runs = expand_grid(study)
     name = str(cfg.get("run-name", "")) or runs[0].name
     matching = [r for r in runs if r.name == name]
     if not matching:
         raise FlSimError(f"run {name!r} is not in {cfg['study-config']}; its runs: "
                          + ", ".join(r.name for r in runs))
-    FederatedRun(study, matching[0], run_dir_of(study, matching[0])).execute(grid)
+    run_dir = run_dir_of(study, matching[0])
+    log(INFO, "fl-sim: run %s -> %s", name, run_dir.resolve())
+    FederatedRun(study, matching[0], run_dir, on_round=_log_round).execute(grid)

@@ -1,0 +1,202 @@
+"""`fl-sim bench`: fl-sim against the plain PyTorch loop and the hardware, side by side.
+
+Three measurements, in one run, appended to BENCHMARKS.md with the device and versions:
+- data: images/s from the decoded-image cache vs decoding the JPEGs with PIL in the loop;
+- FL overhead: R rounds of N clients x E epochs in the Simulation Engine vs one process
+  doing the same optimizer steps and the same evaluations with the same functions;
+- communication: bytes per round, and the time to serialize, deserialize and aggregate the
+  arrays of a large model (random weights).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+
+import flwr
+import numpy as np
+import timm
+import torch
+from flwr.app import ArrayRecord, MetricRecord, RecordDict
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
+from rich.console import Console
+from rich.table import Table
+
+from fl_sim.client.train import train_local
+from fl_sim.config import DataConfig, ModelConfig, StudyConfig, expand_grid
+from fl_sim.data_partition import prepare_data
+from fl_sim.data_partition.cache import decode_image
+from fl_sim.evaluation import evaluate
+from fl_sim.models import create_model
+from fl_sim.task import build_model
+
+DEFAULT_HAM = Path("../shared/data/HAM10000-200x150")
+
+
+@dataclass
+class Row:
+    item: str
+    fl_sim: str
+    reference: str
+    ratio: str
+    note: str
+
+
+def bench_data(ham_root: Path, size: int, batches: int, batch: int = 32) -> list[Row]:
+    """Random batches of `batch` images into a uint8 tensor: cache rows vs PIL decoding."""
+    if not (ham_root / "HAM10000_metadata.csv").is_file():
+        return [Row("data", "-", "-", "-", f"skipped: no HAM10000 copy at {ham_root}")]
+    with tempfile.TemporaryDirectory() as cache:
+        data = prepare_data(DataConfig(dataset="ham10000", root=ham_root, image_size=size,
+                                       cache_dir=Path(cache)), progress=False)
+        paths = {p.stem: str(p) for p in ham_root.glob("HAM10000_images_part_*/*.jpg")}
+        path_of_row = np.asarray([paths[i] for i in data.manifest["image_id"]], dtype=object)
+        rng = np.random.default_rng(0)
+        picks = [np.sort(rng.choice(len(path_of_row), batch, replace=False)) for _ in range(batches)]
+
+        def rate(load) -> float:
+            start = time.perf_counter()
+            for rows in picks:
+                torch.from_numpy(np.ascontiguousarray(load(rows))).permute(0, 3, 1, 2)
+            return batches * batch / (time.perf_counter() - start)
+
+        cached = rate(lambda rows: data.images[rows])
+        decoded = rate(lambda rows: np.stack([decode_image(p, size, "crop") for p in path_of_row[rows]]))
+    return [Row(f"data: images/s at {size} px, batch {batch}", f"{cached:,.0f} (cache)",
+                f"{decoded:,.0f} (PIL decode)", f"{cached / decoded:.1f}x", "target >= 5x")]
+
+
+def overhead_study(tmp: Path, rounds: int, clients: int, epochs: int, image_size: int,
+                   num_images: int, model: str) -> StudyConfig:
+    return StudyConfig.model_validate({
+        "study": "bench", "out": str(tmp / "runs"),
+        "data": {"dataset": "synthetic", "image_size": image_size, "cache_dir": str(tmp / "cache"),
+                 "synthetic": {"num_images": num_images},
+                 "partition": {"num_clients": clients}},
+        "defaults": {"rounds": rounds, "local_epochs": epochs, "model": {"name": model},
+                     "optimizer": {"name": "adamw"}, "augment": True},
+    })
+
+
+def plain_loop(study: StudyConfig) -> float:
+    """The same optimizer steps and evaluations as the simulation, in one process, with the
+    same functions; no Flower, no Ray, no messages. Returns seconds per round."""
+    run = expand_grid(study)[0].config
+    data = prepare_data(study.data, progress=False)
+    k = len(data.classes)
+    model, preprocess = build_model(run, data.class_names, data.images.shape[1])
+    start = time.perf_counter()
+    for r in range(1, run.rounds + 1):
+        for c in range(data.num_clients):
+            train_local(model, data.images, data.labels, data.indices(c, "train"), preprocess, run,
+                        np.random.default_rng([run.seed, c, r]))
+        for c in range(data.num_clients):
+            for split in ("val", "test"):
+                evaluate(model, data.images, data.labels, data.indices(c, split), preprocess,
+                         run.eval_batch_size, k)
+        evaluate(model, data.images, data.labels, data.indices("global", "test"), preprocess,
+                 run.eval_batch_size, k)
+    return (time.perf_counter() - start) / run.rounds
+
+
+def bench_overhead(rounds: int, clients: int, epochs: int, image_size: int, num_images: int,
+                   model: str) -> list[Row]:
+    from fl_sim.simulation import run_study  # imports Ray
+
+    with tempfile.TemporaryDirectory() as tmp:
+        study = overhead_study(Path(tmp), rounds, clients, epochs, image_size, num_images, model)
+        prepare_data(study.data, progress=False)  # both sides start from a built cache
+        start = time.perf_counter()
+        run_dir = run_study(study, expand_grid(study), console=Console(quiet=True))[0]
+        total = time.perf_counter() - start
+        seconds = json.loads((run_dir / "summary.json").read_text())["round_seconds"]
+        plain = plain_loop(study)
+    steady = float(np.mean(seconds[1:])) if len(seconds) > 1 else seconds[0]
+    startup = total - sum(seconds[1:]) - steady  # Ray, actors, model builds, round-0 eval
+    work = f"{rounds} rounds x {clients} clients x {epochs} epoch, {model}, {image_size} px"
+    return [
+        Row(f"FL overhead: steady round ({work})", f"{steady:.2f} s", f"{plain:.2f} s (plain loop)",
+            f"{steady / plain:.2f}x", "target <= 1.10x; both train, evaluate val/test/global"),
+        Row("FL overhead: start-up", f"{startup:.1f} s", "-", "-",
+            "Ray init, actors, model builds, round-0 global eval"),
+    ]
+
+
+def bench_communication(model_name: str, clients: int, repeats: int = 1) -> list[Row]:
+    """Serialize, deserialize and aggregate the arrays of `model_name` (random weights)."""
+    model = create_model(ModelConfig(name=model_name), num_classes=7, image_size=224)
+    state = model.state_dict()
+    params = sum(v.numel() for v in state.values())
+
+    def timed(fn):
+        start = time.perf_counter()
+        for _ in range(repeats):
+            out = fn()
+        return out, (time.perf_counter() - start) / repeats
+
+    # The wire path of Flower 1.39: the record's object tree, each object deflated to bytes.
+    record, t_pack = timed(lambda: ArrayRecord(state))
+    blobs, t_deflate = timed(lambda: {oid: obj.deflate()
+                                      for oid, obj in get_all_nested_objects(record).items()})
+    inflated, t_inflate = timed(lambda: inflate_object_from_contents(record.object_id, blobs))
+    _, t_unpack = timed(lambda: inflated.to_torch_state_dict())
+    replies = [RecordDict({"arrays": record, "metrics": MetricRecord({"num-examples": 100 + i})})
+               for i in range(clients)]
+    _, t_aggregate = timed(lambda: aggregate_arrayrecords(replies, "num-examples"))
+    message = record.count_bytes()
+    per_round = message * 3 * clients  # train down + train up + evaluate down
+    return [
+        Row(f"communication: {model_name} ({params / 1e6:.0f} M params)",
+            f"{message / 1e6:,.0f} MB/message", f"{per_round / 1e9:.2f} GB/round ({clients} clients)",
+            "-", "train down + up, evaluate down"),
+        Row("communication: serialize (state_dict -> ArrayRecord -> bytes)",
+            f"{t_pack + t_deflate:.2f} s", "-", "-", f"pack {t_pack:.2f} s, deflate {t_deflate:.2f} s"),
+        Row("communication: deserialize (bytes -> state_dict)", f"{t_inflate + t_unpack:.2f} s",
+            "-", "-", f"inflate {t_inflate:.2f} s, to torch {t_unpack:.2f} s"),
+        Row(f"communication: aggregate {clients} replies (Flower's weighted mean)",
+            f"{t_aggregate:.2f} s", "-", "-", ""),
+    ]
+
+
+def run_bench(quick: bool, ham_root: Path, output: Path | None, console: Console) -> list[Row]:
+    if quick:
+        rows = bench_data(ham_root, size=64, batches=10)
+        rows += bench_overhead(rounds=3, clients=3, epochs=1, image_size=32, num_images=600,
+                               model="test_convnext")
+        rows += bench_communication("convnext_tiny", clients=3)
+    else:
+        rows = bench_data(ham_root, size=224, batches=40)
+        rows += bench_overhead(rounds=5, clients=3, epochs=2, image_size=64, num_images=1400,
+                               model="resnet18")
+        rows += bench_communication("convnext_large", clients=3)
+    table = Table(title=f"fl-sim bench{' --quick' if quick else ''}")
+    for col in ("item", "fl-sim", "reference", "ratio", "note"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r.item, r.fl_sim, r.reference, r.ratio, r.note)
+    console.print(table)
+    if output is not None:
+        with open(output, "a", encoding="utf-8") as f:
+            f.write(markdown(rows, quick))
+        console.print(f"appended to {output}")
+    return rows
+
+
+def markdown(rows: list[Row], quick: bool) -> str:
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else (
+        f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+    lines = [
+        f"\n## fl-sim bench{' --quick' if quick else ''}, {date.today().isoformat()}\n",
+        f"Device: {device}. Python {platform.python_version()}, torch {torch.__version__}, "
+        f"flwr {flwr.__version__}, timm {timm.__version__}.\n",
+        "| item | fl-sim | reference | ratio | note |", "|---|---|---|---|---|",
+    ]
+    lines += [f"| {r.item} | {r.fl_sim} | {r.reference} | {r.ratio} | {r.note} |" for r in rows]
+    return "\n".join(lines) + "\n"
