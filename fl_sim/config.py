@@ -271,9 +271,20 @@ def load_study(
     try:
         study = StudyConfig.model_validate(raw)
         expand_grid(study)  # every grid value must make a valid run
+        _make_paths_absolute(study)
     except ValidationError as err:
         raise FlSimError(f"{path} is not a valid study:\n{format_validation_error(err)}") from None
     return study
+
+
+def _make_paths_absolute(study: StudyConfig) -> None:
+    """Client processes (Ray workers) may start in another working directory."""
+    data = study.data
+    for owner, key in ((data, "root"), (data, "cache_dir"), (data.global_test, "root"),
+                       (study, "out")):
+        value = getattr(owner, key)
+        if value is not None:
+            setattr(owner, key, Path(value).expanduser().absolute())
 
 
 def format_validation_error(err: ValidationError) -> str:
