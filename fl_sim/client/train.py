@@ -11,7 +11,7 @@ from fl_sim.config import OptimizerConfig, RunConfig
 from fl_sim.evaluation import autocast
 from fl_sim.models.clip import clip_batch_loss
 from fl_sim.strategies.fedprox import proximal_term
-from fl_sim.transforms import BatchPreprocessor, augment
+from fl_sim.transforms import BatchPreprocessor
 
 # The paper's settings (Wu et al.), overridable per key in experiments.yaml.
 OPTIMIZER_DEFAULTS: dict[str, dict] = {
@@ -78,9 +78,7 @@ def train_local(
             idx = np.sort(order[start:start + cfg.batch_size])
             if len(idx) < 2 and len(order) > 1:
                 continue  # a batch of one breaks BatchNorm; its image returns next epoch
-            x = preprocess(images[idx])
-            if cfg.augment:
-                x = augment(x, generator)
+            x = preprocess(images[idx], generator if cfg.augment else None)
             y = torch.from_numpy(labels[idx]).to(device)
             with autocast(device):
                 if cfg.training == "clip":
