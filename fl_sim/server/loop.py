@@ -74,6 +74,18 @@ def send_and_check(grid: Grid, messages: list[Message], kind: str, server_round:
     return sorted(ok, key=lambda m: m.content["metrics"]["partition-id"])
 
 
+class PhaseTimer:
+    """Logs `time/<phase>_s` for each phase of a round, so slow parts show in TensorBoard."""
+
+    def __init__(self, log: RunLog, server_round: int) -> None:
+        self.log, self.server_round, self.last = log, server_round, time.perf_counter()
+
+    def __call__(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.log.scalar(f"time/{phase}_s", now - self.last, self.server_round)
+        self.last = now
+
+
 @dataclass
 class RoundReport:
     """What a progress display needs after each round."""
@@ -211,9 +223,11 @@ class FederatedRun:
 
     def _round(self, server_round: int, arrays: ArrayRecord, strategy: Any, grid: Grid,
                log: RunLog, state: RunState) -> tuple[ArrayRecord, dict, dict]:
+        phase = PhaseTimer(log, server_round)
         wait_for_clients(grid, self.min_clients, self.cfg.round_timeout_s, server_round)
         messages = list(strategy.configure_train(server_round, arrays, self.config, grid))
         replies = self._exchange(messages, grid, "train", server_round, state)
+        phase("train")
         for reply in replies:
             m = reply.content["metrics"]
             log.row(server_round, "client", int(m["partition-id"]), "train",
@@ -222,12 +236,16 @@ class FederatedRun:
         arrays, _ = strategy.aggregate_train(server_round, replies)
         if arrays is None:
             raise FlSimError(f"round {server_round}: {self.cfg.strategy.name} aggregated nothing.")
+        phase("aggregate")
 
         wait_for_clients(grid, self.min_clients, self.cfg.round_timeout_s, server_round)
         messages = list(strategy.configure_evaluate(server_round, arrays, self.config, grid))
         replies = self._exchange(messages, grid, "evaluate", server_round, state)
         federated_val = self._log_clients(server_round, replies, log)
-        return arrays, federated_val, self._global_eval(server_round, arrays, log)
+        phase("client_eval")
+        global_test = self._global_eval(server_round, arrays, log)
+        phase("global_eval")
+        return arrays, federated_val, global_test
 
     # ------------------------------------------------------------------ the loop
 
