@@ -1,5 +1,6 @@
 """`fl-sim run` end to end: Flower's Simulation Engine on Ray, on the real HAM10000 copy."""
 
+import csv
 import json
 
 import pytest
@@ -16,7 +17,8 @@ ROUNDS = 2
 
 @pytest.fixture(scope="module")
 def study_dir(ham_root, tmp_path_factory):
-    """One `fl-sim run` of a 2-run grid (fedavg, fedprox) on 3 clients, 2 rounds each."""
+    """One `fl-sim run` of a 4-run grid (fedavg, fedprox) x seeds (0, 1) on 3 clients,
+    2 rounds each."""
     tmp = tmp_path_factory.mktemp("sim")
     config = {
         "study": "ham",
@@ -26,7 +28,8 @@ def study_dir(ham_root, tmp_path_factory):
                  "partition": {"method": "random", "num_clients": 3}},
         "defaults": {"rounds": ROUNDS, "batch_size": 32, "optimizer": {"name": "adamw"},
                      "model": {"name": "test_convnext"}},
-        "grid": {"strategy": [{"name": "fedavg"}, {"name": "fedprox", "proximal_mu": 0.1}]},
+        "grid": {"strategy": [{"name": "fedavg"}, {"name": "fedprox", "proximal_mu": 0.1}],
+                 "seed": [0, 1]},
     }
     path = tmp / "study.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -58,9 +61,14 @@ def test_run_directory_contract(study_dir, run):
         assert ckpt["state_dict"] and ckpt["round"] >= 1
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert config["run"] == run
-    manifest = (run_dir / "partition.csv").read_text().splitlines()
-    assert manifest[0].startswith("image_id,lesion_id,label,client,split")
-    assert len(manifest) - 1 == 600 or len(manifest) > 500  # about max_images rows
+    with open(run_dir / "partition.csv") as f:
+        manifest = list(csv.DictReader(f))
+    assert list(manifest[0]) == ["image_id", "lesion_id", "label", "client", "split"]
+    assert abs(len(manifest) - 600) <= 30  # max_images: about 600, whole lesions
+    homes = {}
+    for r in manifest:  # the audit the file is for: each lesion in one client and split
+        assert homes.setdefault(r["lesion_id"], (r["client"], r["split"])) == (r["client"], r["split"])
+    assert {r["client"] for r in manifest} == {"0", "1", "2", "global"}
 
     tags = EventAccumulator(str(run_dir)).Reload().Tags()["scalars"]
     for tag in ("global/test/bacc", "global/test/avg", "client_0/val/acc", "client_2/test/f1",
@@ -80,5 +88,25 @@ def test_finished_runs_are_skipped_on_rerun(study_dir, capsys):
     config = study_dir.parent.parent / "study.yaml"
     before = (study_dir / "fedavg_test_convnext_adamw_s0" / "metrics.jsonl").read_text()
     assert main(["run", str(config)]) == 0
-    assert capsys.readouterr().out.count("finished before, skipped") == 2
+    assert capsys.readouterr().out.count("finished before, skipped") == 4
     assert (study_dir / "fedavg_test_convnext_adamw_s0" / "metrics.jsonl").read_text() == before
+
+
+def test_report_on_the_real_study_matches_metrics_jsonl(study_dir):
+    from fl_sim.report import write_report
+
+    report = write_report(study_dir)
+    assert "## Winners on the global test set" in report.read_text()
+    assert sorted(p.name for p in report.parent.glob("*.png"))  # figures were drawn
+    table = {(r["strategy"], r["test_set"]): r
+             for r in csv.DictReader(open(report.parent / "test_metrics.csv"))}
+    for strategy, run_prefix in (("fedavg", "fedavg"), ("fedprox-mu0.1", "fedprox-mu0.1")):
+        values = []
+        for seed in (0, 1):
+            run_dir = study_dir / f"{run_prefix}_test_convnext_adamw_s{seed}"
+            best = json.loads((run_dir / "summary.json").read_text())["best"]["round"]
+            rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+            values.append(next(x["bacc"] for x in rows if (x["round"], x["scope"]) == (best, "global")))
+        row = table[(strategy, "global")]
+        assert int(row["seeds"]) == 2
+        assert float(row["bacc_mean"]) == pytest.approx(sum(values) / 2)
