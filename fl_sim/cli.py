@@ -9,6 +9,7 @@ from pathlib import Path
 from rich.console import Console
 
 from fl_sim.config import expand_grid, load_study
+from fl_sim.deploy.cli import add_deploy_commands, run_deploy
 from fl_sim.errors import FlSimError
 
 
@@ -37,6 +38,8 @@ def parser() -> argparse.ArgumentParser:
                        help="a HAM10000 copy for the data row (JPEGs)")
     bench.add_argument("--output", default="BENCHMARKS.md", help="file the table is appended to")
     bench.add_argument("--no-write", action="store_true", help="print only")
+
+    add_deploy_commands(sub)
 
     data = sub.add_parser("data", help="datasets and partitions")
     data_sub = data.add_subparsers(dest="data_command", required=True)
@@ -88,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
 
             run_bench(args.quick, Path(args.ham_root), None if args.no_write else Path(args.output),
                       console)
+        elif args.command == "deploy":
+            return run_deploy(args)
         elif args.command == "data":
             cmd_data_inspect(args, console)
     except FlSimError as err:

@@ -26,12 +26,13 @@ class FakeGrid:
         return self.nodes
 
     def send_and_receive(self, messages, timeout):
-        for m in messages:
+        for i, m in enumerate(messages):
+            m.metadata.__dict__["_message_id"] = f"m{i}"  # as a real grid does when it pushes
             node = m.metadata.dst_node_id
             if node in self.silent:
                 continue
             if node in self.fail:
-                yield Message(Error(code=1, reason=f"client {node}: RuntimeError: broken image"), reply_to=m)
+                yield Message(Error(code=1, reason="RuntimeError: broken image"), reply_to=m)
             else:
                 yield Message(RecordDict({"metrics": MetricRecord({"partition-id": node})}), reply_to=m)
 
@@ -50,16 +51,16 @@ def test_a_failed_client_is_dropped_while_enough_remain(caplog):
     replies = send_and_check(FakeGrid(fail={1}), messages(), "train", 4, timeout=5, min_replies=2)
     assert [m.content["metrics"]["partition-id"] for m in replies] == [0, 2]
     assert "round 4 (train): continuing without a client" in caplog.text
-    assert "client 1: RuntimeError: broken image" in caplog.text
+    assert "node 1: RuntimeError: broken image" in caplog.text
 
 
 def test_below_the_minimum_the_run_stops_naming_the_culprits():
     with pytest.raises(FlSimError) as info:
         send_and_check(FakeGrid(fail={1}, silent={2}), messages(), "evaluate", 3, timeout=7,
-                       min_replies=3)
+                       min_replies=3, client_of_node={1: 4})
     text = str(info.value)
     assert "round 3 (evaluate): 1 of 3 clients replied, 3 needed (min_clients)" in text
-    assert "client 1: RuntimeError: broken image" in text
+    assert "client 4 (node 1): RuntimeError: broken image" in text
     assert "1 gave no reply within 7 s" in text
     assert "finished before are kept" in text
 

@@ -52,15 +52,27 @@ def wait_for_clients(grid: Grid, needed: int, timeout: float, server_round: int)
 
 
 def send_and_check(grid: Grid, messages: list[Message], kind: str, server_round: int,
-                   timeout: float, min_replies: int) -> list[Message]:
+                   timeout: float, min_replies: int,
+                   client_of_node: dict[int, int] | None = None) -> list[Message]:
     """Send, wait at most `timeout` seconds; carry on without failed clients while at least
-    `min_replies` replied, else stop the run with the clients' reasons."""
+    `min_replies` replied, else stop the run with the clients' reasons.
+
+    `client_of_node` (node id -> partition id, learnt from earlier replies) names a failed
+    client by its partition id where known.
+    """
     if not messages:
         raise FlSimError(f"round {server_round}: the strategy sampled no client to {kind}.")
     replies = list(grid.send_and_receive(messages, timeout=timeout))
+    # A dead node's error reply comes from the SuperLink: name the node the message went to.
+    dst = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+    names = client_of_node or {}
+
+    def culprit(reply: Message) -> str:
+        node = dst.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+        return f"client {names[node]} (node {node})" if node in names else f"node {node}"
+
     ok = [m for m in replies if not m.has_error()]
-    reasons = [f"node {m.metadata.src_node_id}: {m.error.reason.strip()}"
-               for m in replies if m.has_error()]
+    reasons = [f"{culprit(m)}: {m.error.reason.strip()}" for m in replies if m.has_error()]
     if len(replies) < len(messages):
         reasons.append(f"{len(messages) - len(replies)} gave no reply within {timeout:g} s")
     if len(ok) < min_replies:
@@ -134,6 +146,7 @@ class FederatedRun:
         self.config = ConfigRecord({"data-config": data_json,
                                     "run-config": self.cfg.model_dump_json()})
         self.min_clients = self.cfg.min_clients or self.data.num_clients
+        self.client_of_node: dict[int, int] = {}
         if self.min_clients > self.data.num_clients:
             raise FlSimError(f"min_clients {self.min_clients} exceeds the partition's "
                              f"{self.data.num_clients} clients: lower it.")
@@ -196,8 +209,10 @@ class FederatedRun:
     def _exchange(self, messages: list[Message], grid: Grid, kind: str,
                   server_round: int, state: RunState) -> list[Message]:
         state.bytes_sent += sum(payload_bytes(m) for m in messages)
-        replies = send_and_check(grid, messages, kind, server_round,
-                                 self.cfg.round_timeout_s, self.min_clients)
+        replies = send_and_check(grid, messages, kind, server_round, self.cfg.round_timeout_s,
+                                 self.min_clients, self.client_of_node)
+        self.client_of_node.update({m.metadata.src_node_id: int(m.content["metrics"]["partition-id"])
+                                    for m in replies})
         state.bytes_received += sum(payload_bytes(m) for m in replies)
         return replies
 

@@ -1,0 +1,290 @@
+"""`fl-sim deploy`: a real flower-superlink and flower-supernodes on 127.0.0.1 over gRPC.
+
+The slow tests start real processes (each message starts a `flwr-clientapp`, nodes poll every
+3 s, a dead node is noticed after Flower's 2 x 30 s heartbeat), on free ports, with a private
+FLWR_HOME; the `federation` fixture stops every process they start, also on failure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
+
+from fl_sim.deploy import certs, cli, processes
+from fl_sim.errors import FlSimError
+
+SPLITS = ("train", "val", "test")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_study(path: Path, out: Path, rounds: int, min_clients: int | None = None,
+                round_timeout_s: float = 300) -> Path:
+    """Synthetic 32 px images, a tiny ConvNeXt, 3 clients: seconds of compute per message."""
+    path.write_text(yaml.safe_dump({
+        "study": "deploy", "out": str(out),
+        "data": {"dataset": "synthetic", "image_size": 32, "synthetic": {"num_images": 210},
+                 "partition": {"num_clients": 3}},
+        "defaults": {"rounds": rounds, "batch_size": 32, "model": {"name": "test_convnext"},
+                     "min_clients": min_clients, "round_timeout_s": round_timeout_s},
+    }))
+    return path
+
+
+def deploy(*args: str | int | Path) -> int:
+    return cli.main(["deploy", *map(str, args)])
+
+
+def rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def client_rows(run_dir: Path) -> set[tuple[int, int, str]]:
+    return {(r["round"], r["client"], r["split"]) for r in rows(run_dir) if r["scope"] == "client"}
+
+
+def run_log(run_id: int) -> str:
+    """The run's log as the SuperLink keeps it (what `flwr log` shows)."""
+    import subprocess
+
+    return subprocess.run([processes.executable("flwr"), "log", str(run_id), processes.CONNECTION,
+                           "--show"], env=processes.flower_env(), capture_output=True,
+                          text=True, timeout=60).stdout
+
+
+# ----------------------------------------------------------------------------- fast
+
+
+def test_dev_certs_have_the_sans_and_chain_to_the_ca(tmp_path):
+    files = certs.make_dev_certs(tmp_path, ["fl.example.org", "10.1.2.3", "localhost"])
+    ca = x509.load_pem_x509_certificate(files.ca_cert.read_bytes())
+    server = x509.load_pem_x509_certificate(files.server_cert.read_bytes())
+    sans = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert sans.get_values_for_type(x509.DNSName) == ["fl.example.org", "localhost"]
+    assert [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)] == ["10.1.2.3"]
+    server.verify_directly_issued_by(ca)
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    assert files.server_key.stat().st_mode & 0o077 == 0
+
+
+def test_node_key_is_openssh_ecdsa_p384_and_never_overwritten(tmp_path):
+    private, public = certs.make_node_key(tmp_path / "node0.key")
+    key = load_ssh_private_key(private.read_bytes(), None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp384r1"
+    public_key = load_ssh_public_key(public.read_bytes())
+    assert public_key.public_numbers() == key.public_key().public_numbers()
+    with pytest.raises(FlSimError, match="never overwritten"):
+        certs.make_node_key(private)
+
+
+def test_commands_are_secure_unless_insecure_is_asked_for(tmp_path):
+    files = certs.make_dev_certs(tmp_path)
+    secure = processes.superlink_command(files, "0.0.0.0:9092", "127.0.0.1", 8000)
+    assert "--enable-supernode-auth" in secure and "--insecure" not in secure
+    assert secure[secure.index("--ssl-certfile") + 1] == str(files.server_cert)
+    assert "--insecure" in processes.superlink_command(None, "127.0.0.1:9092", "127.0.0.1", 8000)
+    with pytest.raises(FlSimError, match="missing"):
+        processes.superlink_command(certs.CertFiles.in_dir(tmp_path / "none"), "h:1", "h", 1)
+    with pytest.raises(FlSimError, match="--key"):
+        processes.supernode_command("h:9092", 9094, tmp_path / "n.toml", files.ca_cert, None)
+
+
+def test_node_config_reaches_the_client_app_as_written(tmp_path):
+    from flwr.common.config import parse_config_args  # what flower-supernode does with it
+
+    path = processes.write_node_config(tmp_path / "n.toml", 2, tmp_path / "a b's data")
+    assert parse_config_args([str(path)]) == {"partition-id": 2,
+                                              "data-root": str(tmp_path / "a b's data")}
+
+
+def test_submit_refuses_an_unknown_run_before_contacting_anything(tmp_path):
+    study = write_study(tmp_path / "s.yaml", tmp_path / "out", rounds=1)
+    with pytest.raises(FlSimError, match="'nope' is not in"):
+        cli.submit_run(study, run="nope")
+
+
+def test_connection_entry_for_flwr(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path))
+    processes.write_connection("10.0.0.1:8000", tmp_path / "ca.crt")
+    processes.write_connection("127.0.0.1:8000", None, name="other")
+    config = (tmp_path / "config.toml").read_text()
+    assert 'address = "10.0.0.1:8000"' in config
+    assert f'root-certificates = "{tmp_path}/ca.crt"' in config
+    assert "insecure = true" in config and 'default = "fl-sim"' in config
+
+
+# ----------------------------------------------------------------------------- slow
+
+
+class Federation:
+    """Ports and files of one loopback federation in a private FLWR_HOME."""
+
+    def __init__(self) -> None:
+        self.fleet = f"127.0.0.1:{free_port()}"
+        self.control_port = free_port()
+
+    def superlink(self, *security: str | Path) -> None:
+        assert deploy("superlink", *security, "--fleet-address", self.fleet,
+                      "--port", self.control_port) == 0
+
+    def supernode(self, partition_id: int, *security: str | Path) -> int:
+        return deploy("supernode", "--superlink", self.fleet, "--partition-id", partition_id,
+                      "--port", free_port(), *security)
+
+    def log(self, name: str) -> str:
+        return (processes.state_dir() / f"{name}.log").read_text()
+
+    def pid(self, name: str) -> int:
+        return int((processes.state_dir() / f"{name}.pid").read_text())
+
+    def node_ids(self) -> list[str]:
+        return [re.findall(r"SuperNode ID: (\d+)", self.log(f"supernode-{i}"))[0]
+                for i in range(3)]
+
+    def assert_nodes_used_the_grpc_fleet_api(self) -> None:
+        superlink = self.log("superlink")
+        assert f"Starting Fleet API (gRPC-rere) on {self.fleet}" in superlink
+        for node in self.node_ids():
+            assert f"[Fleet.ActivateNode] Activated node_id={node}" in superlink
+            assert f"[Fleet.PushMessages] Push replies from node_id={node}" in superlink
+
+
+@pytest.fixture
+def federation(tmp_path, tmp_path_factory, monkeypatch):
+    """A private FLWR_HOME; afterwards every process started in it is stopped, and checked."""
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
+    monkeypatch.setenv("FL_SIM_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+    started: list[int] = []
+    fed = Federation()
+    try:
+        yield fed
+    finally:
+        for pid_file in processes.state_dir().glob("*.pid"):
+            pid = int(pid_file.read_text())
+            started += [pid, *processes.descendants(pid)]
+        processes.stop_all(grace=5)
+        time.sleep(0.5)
+        assert not [p for p in started if processes.is_alive(p)], "a process outlived `stop`"
+
+
+def wait_for_line(path: Path, text: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in path.read_text():
+        assert time.monotonic() < deadline, f"no {text!r} in {path} after {timeout} s"
+        time.sleep(0.2)
+
+
+def kill_hard(pid: int) -> None:
+    """A machine that dies: SIGKILL the SuperNode and its ClientApp, no goodbye to the SuperLink."""
+    for p in [pid, *processes.descendants(pid)]:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.mark.slow
+def test_insecure_federation_runs_two_rounds_over_grpc(federation, tmp_path, capfd):
+    fed = federation
+    fed.superlink("--insecure")
+    for i in range(3):
+        assert fed.supernode(i, "--insecure") == 0
+    study = write_study(tmp_path / "s.yaml", tmp_path / "out", rounds=2)
+
+    assert deploy("submit", study, "--stream") == 0
+
+    out = capfd.readouterr().out
+    assert re.search(r"run \d+ finished:completed", out), out
+    assert "fl-sim: round 2/2" in out  # the ServerApp's progress, streamed from the SuperLink
+    [run_dir] = (tmp_path / "out" / "deploy").iterdir()
+    assert client_rows(run_dir) == {(r, c, s) for r in (1, 2) for c in range(3) for s in SPLITS}
+    assert {r["round"] for r in rows(run_dir) if r["scope"] == "global"} == {0, 1, 2}
+    assert json.loads((run_dir / "summary.json").read_text())["complete"]
+    assert list(run_dir.glob("events.out.tfevents.*"))
+    assert (run_dir / "checkpoints/best.pt").exists()
+    fed.assert_nodes_used_the_grpc_fleet_api()
+    assert f"insecure channel to {fed.fleet}" in fed.log("supernode-0")
+
+
+@pytest.mark.slow
+def test_tls_with_node_authentication_refuses_an_unregistered_node(federation, tmp_path):
+    fed = federation
+    ca = certs.make_dev_certs(tmp_path / "certs", ["localhost", "127.0.0.1"]).ca_cert
+    keys = [certs.make_node_key(tmp_path / f"keys/node{i}.key") for i in range(4)]
+    fed.superlink("--certs", tmp_path / "certs")
+    for _, public in keys[:3]:
+        assert deploy("register", public) == 0
+
+    assert fed.supernode(3, "--ca", ca, "--key", keys[3][0]) == 2  # key 3 was never registered
+    assert "No SuperNode found with the given public key" in fed.log("superlink")
+    assert "Exit Code: 305" in fed.log("supernode-3")
+    other_ca = certs.make_dev_certs(tmp_path / "other").ca_cert  # TLS verifies the server
+    assert fed.supernode(0, "--ca", other_ca, "--key", keys[0][0]) == 2
+    assert "CERTIFICATE_VERIFY_FAILED" in fed.log("supernode-0")
+
+    for i in range(3):
+        assert fed.supernode(i, "--ca", ca, "--key", keys[i][0]) == 0
+    study = write_study(tmp_path / "s.yaml", tmp_path / "out", rounds=2)
+    run_id, _ = cli.submit_run(study)
+    assert cli.wait_finished(run_id, timeout=600)[0] == "finished:completed"
+
+    [run_dir] = (tmp_path / "out" / "deploy").iterdir()
+    assert client_rows(run_dir) == {(r, c, s) for r in (1, 2) for c in range(3) for s in SPLITS}
+    fed.assert_nodes_used_the_grpc_fleet_api()
+    assert "insecure" not in fed.log("supernode-0") + fed.log("superlink")
+
+
+def start_and_kill_one_node(fed: Federation, study: Path) -> tuple[int, float]:
+    """Three nodes; node 2 is killed once it holds its first (train) message."""
+    fed.superlink("--insecure")
+    for i in range(3):
+        assert fed.supernode(i, "--insecure") == 0
+    victim = fed.pid("supernode-2")
+    run_id, _ = cli.submit_run(study)
+    wait_for_line(processes.state_dir() / "supernode-2.log", "Received successfully", 300)
+    kill_hard(victim)
+    return run_id, time.monotonic()
+
+
+@pytest.mark.slow
+def test_a_dead_node_is_left_behind_when_enough_remain(federation, tmp_path):
+    study = write_study(tmp_path / "s.yaml", tmp_path / "out", rounds=1, min_clients=2,
+                        round_timeout_s=300)
+    run_id, _ = start_and_kill_one_node(federation, study)
+
+    assert cli.wait_finished(run_id, timeout=400)[0] == "finished:completed"
+    [run_dir] = (tmp_path / "out" / "deploy").iterdir()
+    assert client_rows(run_dir) == {(1, c, s) for c in (0, 1) for s in SPLITS}
+    assert json.loads((run_dir / "summary.json").read_text())["complete"]
+    assert "continuing without a client" in run_log(run_id)
+
+
+@pytest.mark.slow
+def test_below_the_minimum_the_run_stops_within_the_timeout(federation, tmp_path):
+    timeout = 40  # below Flower's ~60 s dead-node detection: fl-sim's own bound stops it
+    study = write_study(tmp_path / "s.yaml", tmp_path / "out", rounds=2, min_clients=3,
+                        round_timeout_s=timeout)
+    run_id, killed_at = start_and_kill_one_node(federation, study)
+
+    status, details = cli.wait_finished(run_id, timeout=timeout + 120)
+    assert status == "finished:failed", (status, details)
+    assert time.monotonic() - killed_at < timeout + 30
+    assert "round 1 (train)" in details and "min_clients" in details and "kept" in details
+    [run_dir] = (tmp_path / "out" / "deploy").iterdir()
+    assert [r["round"] for r in rows(run_dir)] == [0]  # the global model's round 0, kept
+    assert (run_dir / "config.yaml").exists() and (run_dir / "partition.csv").exists()
