@@ -60,7 +60,9 @@ class PartitionConfig(Strict):
 class GlobalTestConfig(Strict):
     """The server's test set: a lesion-grouped hold-out, or the official ISIC 2018 Task 3 test."""
 
-    source: Literal["holdout", "isic2018"] = "holdout"
+    source: Literal["holdout", "isic2018", "none"] = Field(
+        "holdout", description="none: no server test set (a SuperNode's own data, all for it)"
+    )
     fraction: float = Field(0.15, gt=0, lt=1, description="holdout only")
     root: Path | None = Field(
         None,

@@ -15,7 +15,7 @@ from flwr.clientapp import ClientApp
 
 from fl_sim.task import client_rng, load_data, load_model
 from fl_sim.client.train import train_local
-from fl_sim.config import DataConfig, RunConfig
+from fl_sim.config import DataConfig, GlobalTestConfig, PartitionConfig, RunConfig
 from fl_sim.evaluation import evaluate
 
 app = ClientApp()
@@ -35,18 +35,33 @@ def _named(handler):
     return wrapper
 
 
+def node_data_config(study_data: DataConfig, node_config: dict) -> tuple[DataConfig, int]:
+    """The data this node trains on and which of its partitions: the study's partition
+    `partition-id` of the node's copy (`data-root`), or with `local-data` all of the node's
+    own dataset, split train/val/test by lesion, nothing held out for the server."""
+    cfg = study_data.model_copy(deep=True)
+    if "data-root" in node_config:
+        cfg.root = str(node_config["data-root"])
+    if str(node_config.get("local-data", "false")).lower() in ("true", "1"):
+        cfg.partition = PartitionConfig(method="random", num_clients=1, seed=cfg.partition.seed,
+                                        splits=cfg.partition.splits)
+        cfg.global_test = GlobalTestConfig(source="none")
+        cfg.max_images = None
+        return cfg, 0
+    return cfg, int(node_config["partition-id"])
+
+
 def _setup(msg: Message, context: Context):
     config: ConfigRecord = msg.content["config"]
-    data_cfg = DataConfig.model_validate_json(str(config["data-config"]))
-    if "data-root" in context.node_config:
-        data_cfg.root = str(context.node_config["data-root"])
+    study_data = DataConfig.model_validate_json(str(config["data-config"]))
+    data_cfg, partition = node_data_config(study_data, context.node_config)
     run_json = str(config["run-config"])
     run_cfg = RunConfig.model_validate_json(run_json)
     data = load_data(data_cfg.model_dump_json())
     model, preprocess = load_model(run_json, tuple(data.class_names), data.images.shape[1])
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict(), strict=True)
-    partition_id = int(context.node_config["partition-id"])
-    return config, run_cfg, data, model, preprocess, partition_id
+    # `partition` indexes this node's data; the client id it reports is its partition-id.
+    return config, run_cfg, data, model, preprocess, partition, int(context.node_config["partition-id"])
 
 
 def _reply(msg: Message, partition_id: int, num_examples: int, metrics: dict,
@@ -62,9 +77,9 @@ def _reply(msg: Message, partition_id: int, num_examples: int, metrics: dict,
 @app.train()
 @_named
 def train(msg: Message, context: Context) -> Message:
-    config, run_cfg, data, model, preprocess, pid = _setup(msg, context)
+    config, run_cfg, data, model, preprocess, partition, pid = _setup(msg, context)
     server_round = int(config["server-round"])
-    indices = data.indices(pid, "train")
+    indices = data.indices(partition, "train")
     start = time.perf_counter()
     result = train_local(
         model, data.images, data.labels, indices, preprocess, run_cfg,
@@ -79,10 +94,10 @@ def train(msg: Message, context: Context) -> Message:
 @_named
 def evaluate_global(msg: Message, context: Context) -> Message:
     """The global model on this client's val and test splits (keys `val_*`, `test_*`)."""
-    _, run_cfg, data, model, preprocess, pid = _setup(msg, context)
+    _, run_cfg, data, model, preprocess, partition, pid = _setup(msg, context)
     metrics = {}
     for split in ("val", "test"):
-        result = evaluate(model, data.images, data.labels, data.indices(pid, split), preprocess,
+        result = evaluate(model, data.images, data.labels, data.indices(partition, split), preprocess,
                           run_cfg.eval_batch_size, len(data.classes))
         metrics.update({f"{split}_{k}": v for k, v in result.items()})
     return _reply(msg, pid, int(metrics["val_n"]), metrics)

@@ -159,6 +159,8 @@ def _partition(
                 f"max_images={cfg.max_images} kept no image of {cfg.dataset}'s official test "
                 "split, so the server would have no test set. Raise max_images."
             )
+    elif cfg.global_test.source == "none":  # a node's own data: none of it for the server
+        is_global = np.zeros(len(table), dtype=bool)
     else:  # hold out a fraction of the lesions
         fraction = cfg.global_test.fraction
         is_global = split_lesions(labels, groups, [1 - fraction, fraction], sub_seed(seed, 1)) == 1

@@ -72,6 +72,9 @@ def add_deploy_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--partition-id", type=int, required=True,
                    help="which client of the study's partition this node is (0, 1, ...)")
     p.add_argument("--data-root", type=Path, help="this machine's copy of the dataset")
+    p.add_argument("--local-data", action="store_true",
+                   help="train on all of --data-root (this hospital's own data, split "
+                        "train/val/test by lesion), not on a partition of a shared copy")
     p.add_argument("--port", type=int, default=9094,
                    help="local port for Flower's ClientApp API; one per SuperNode on a machine")
     p.add_argument("--name", help="for its log and pid files (default supernode-<partition-id>)")
@@ -155,7 +158,8 @@ def _superlink(args: argparse.Namespace) -> int:
 def _supernode(args: argparse.Namespace) -> int:
     name = args.name or f"supernode-{args.partition_id}"
     node_config = processes.write_node_config(
-        processes.state_dir() / f"{name}.node-config.toml", args.partition_id, args.data_root)
+        processes.state_dir() / f"{name}.node-config.toml", args.partition_id, args.data_root,
+        args.local_data)
     cmd = processes.supernode_command(args.superlink, args.port, node_config,
                                       None if args.insecure else args.ca, args.key)
     if args.foreground:

@@ -94,10 +94,13 @@ def supernode_command(superlink: str, port: int, node_config: Path,
                   "--auth-supernode-private-key", str(auth_key)]
 
 
-def write_node_config(path: Path, partition_id: int, data_root: Path | None) -> Path:
+def write_node_config(path: Path, partition_id: int, data_root: Path | None,
+                      local_data: bool = False) -> Path:
     """The node's own config as a TOML file (Flower's --node-config takes one), so that any
-    path survives quoting. The ClientApp reads `partition-id` and `data-root` from it."""
-    config: dict[str, int | str] = {"partition-id": partition_id}
+    path survives quoting. The ClientApp reads `partition-id`, `data-root` and `local-data`."""
+    config: dict[str, int | str | bool] = {"partition-id": partition_id}
+    if local_data:
+        config["local-data"] = True
     if data_root is not None:
         config["data-root"] = str(Path(data_root).expanduser().resolve())
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -145,6 +145,9 @@ class FederatedRun:
                                                  self.data.images.shape[1])
         self.config = ConfigRecord({"data-config": data_json,
                                     "run-config": self.cfg.model_dump_json()})
+        if len(self.data.indices("global", "test")) == 0:
+            raise FlSimError("the server has no global test set (data.global_test.source: none "
+                             "is for a SuperNode's own data): use holdout or isic2018.")
         self.min_clients = self.cfg.min_clients or self.data.num_clients
         self.client_of_node: dict[int, int] = {}
         if self.min_clients > self.data.num_clients:
