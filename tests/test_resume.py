@@ -18,7 +18,7 @@ from fl_sim.cli import main
 pytestmark = pytest.mark.slow
 
 RUN = "fedadam_test_convnext_adamw_s0"
-ROUNDS = 4
+ROUNDS = 6
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +59,7 @@ def test_killed_run_resumes_to_the_same_final_metrics(study, tmp_path):
         while not (last.exists() and torch.load(last, weights_only=False)["round"] >= 2):
             assert proc.poll() is None, proc.stdout.read()
             assert time.monotonic() < deadline, "round 2 never finished"
-            time.sleep(0.5)
+            time.sleep(0.2)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # a real kill: no handler, no cleanup
         proc.wait()
