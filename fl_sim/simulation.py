@@ -39,7 +39,7 @@ def is_complete(run_dir: Path) -> bool:
         return False
 
 
-def check_runs(study: StudyConfig, runs: list[Run], num_clients: int) -> None:
+def check_runs(runs: list[Run], num_clients: int) -> None:
     """Fail before any simulation starts if a run's model or strategy cannot be built."""
     for run in runs:
         timm_name(run.config.model.name)
@@ -97,7 +97,7 @@ def run_study(study: StudyConfig, runs: list[Run], console: Console | None = Non
     console = console or Console()
     quiet_flower(verbose)
     data = prepare_data(study.data)  # builds the cache once, before any client process starts
-    check_runs(study, runs, data.num_clients)
+    check_runs(runs, data.num_clients)
     with study_lock(Path(study.out) / study.study):
         return _run_all(study, runs, data.num_clients, console, verbose)
 

@@ -7,7 +7,7 @@ from fl_sim.cli import main
 pytestmark = pytest.mark.slow
 
 
-def test_quick_bench_writes_every_row(ham_root, tmp_path, capsys):
+def test_quick_bench_writes_every_row(ham_root, tmp_path):
     out = tmp_path / "BENCH.md"
     assert main(["bench", "--quick", "--ham-root", str(ham_root), "--output", str(out)]) == 0
     text = out.read_text()

@@ -35,7 +35,7 @@ def test_schema_like_ham10000(cache_dir: Path) -> None:
     assert 0 < np.abs(a - b).mean() < 40
 
 
-def test_deterministic_and_drawable_in_parts(cache_dir: Path, tmp_path: Path) -> None:
+def test_deterministic_and_drawable_in_parts(tmp_path: Path) -> None:
     table = synthetic.make_table(300)
     pd.testing.assert_frame_equal(table, synthetic.make_table(300))
     whole = np.stack(list(synthetic.iter_images(table, 24, "crop")))
