@@ -56,9 +56,9 @@ def test_run_directory_contract(study_dir, run):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["complete"] is True and 1 <= summary["best"]["round"] <= ROUNDS
     assert summary["bytes_sent"] > 0 and summary["bytes_received"] > 0
-    for name in ("last", "best"):
+    for name, at in (("last", ROUNDS), ("best", summary["best"]["round"])):
         ckpt = torch.load(run_dir / "checkpoints" / f"{name}.pt", weights_only=False)
-        assert ckpt["state_dict"] and ckpt["round"] >= 1
+        assert ckpt["state_dict"] and ckpt["round"] == at
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert config["run"] == run
     with open(run_dir / "partition.csv") as f:

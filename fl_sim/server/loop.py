@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import pickle
 import time
 from dataclasses import dataclass, field
@@ -187,13 +188,21 @@ class FederatedRun:
             tmp.write_text("".join(json_line(r) for r in rows))
             tmp.replace(path)
 
-    def _save(self, name: str, arrays: ArrayRecord, strategy: Any, state: RunState) -> None:
-        path = self.run_dir / "checkpoints" / f"{name}.pt"
-        tmp = path.with_suffix(".pt.tmp")
+    def _save(self, arrays: ArrayRecord, strategy: Any, state: RunState, is_best: bool) -> None:
+        """checkpoints/last.pt, atomically; on a best round best.pt becomes a hard link to
+        the same file, so a large model is written once (the next round's last.pt is a new
+        file and leaves best.pt as it is)."""
+        folder = self.run_dir / "checkpoints"
+        tmp = folder / "last.pt.tmp"
         torch.save({"round": state.round, "run": self.run.name, "classes": self.data.classes,
                     "config": self.resolved, "state_dict": arrays.to_torch_state_dict(),
                     "strategy": pickle.dumps(strategy), "state": dataclasses.asdict(state)}, tmp)
-        tmp.replace(path)
+        tmp.replace(folder / "last.pt")
+        if is_best:
+            link = folder / "best.pt.tmp"
+            link.unlink(missing_ok=True)
+            os.link(folder / "last.pt", link)
+            link.replace(folder / "best.pt")
 
     # ------------------------------------------------------------------ steps
 
@@ -291,9 +300,7 @@ class FederatedRun:
                 log.scalar("time/round_s", seconds, server_round)
                 log.scalar("comm/bytes_sent", state.bytes_sent - sent, server_round)
                 log.scalar("comm/bytes_received", state.bytes_received - received, server_round)
-                if is_best:
-                    self._save("best", arrays, strategy, state)
-                self._save("last", arrays, strategy, state)
+                self._save(arrays, strategy, state, is_best)
                 self._write_summary(state, done=False)
                 if self.on_round:
                     self.on_round(RoundReport(server_round, self.cfg.rounds, seconds, global_test,
