@@ -24,11 +24,11 @@ class BatchPreprocessor:
     ) -> None:
         self.input_size = input_size
         self.device = device
-        if normalization is None:
-            self.mean, self.std = None, None
-        else:
-            self.mean = torch.tensor(normalization[0], device=device)
-            self.std = torch.tensor(normalization[1], device=device)
+        mean, std = normalization or ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+        std_t = torch.tensor(std, device=device)
+        # (x / 255 - mean) / std as one multiply-add per value
+        self.scale = 1.0 / (255.0 * std_t)
+        self.shift = -torch.tensor(mean, device=device) / std_t
 
     def __call__(self, images: np.ndarray, generator: torch.Generator | None = None) -> torch.Tensor:
         """`generator` given: a random symmetry per image (training)."""
@@ -37,11 +37,13 @@ class BatchPreprocessor:
             x = x.pin_memory().to(self.device, non_blocking=True)
         if generator is not None:
             x = augment(x, generator)
-        x = x.float().div_(255.0)
-        if self.mean is not None:
-            x = x.sub_(self.mean).div_(self.std)
-        x = x.permute(0, 3, 1, 2)  # an NCHW view of NHWC memory: channels_last
-        if x.shape[-1] != self.input_size or x.shape[-2] != self.input_size:
+        b, h, w, c = x.shape
+        # Rows of (W * 3) values against the per-channel constants tiled W times: a broadcast
+        # over a last dimension of 3 is ~5x slower on CPU.
+        rows = x.view(b * h, w * c).float()
+        rows.mul_(self.scale.repeat(w)).add_(self.shift.repeat(w))
+        x = rows.view(b, h, w, c).permute(0, 3, 1, 2)  # an NCHW view of NHWC memory: channels_last
+        if h != self.input_size or w != self.input_size:
             x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear",
                               antialias=True, align_corners=False)
         return x.contiguous(memory_format=torch.channels_last)
@@ -51,12 +53,11 @@ def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Random flips and 90-degree rotations of an NHWC batch, one of 8 symmetries per image.
 
     Dermoscopy has no canonical orientation, so these symmetries are label-preserving.
+    One strided copy per image: ~4x faster on CPU than gathering the images of each
+    symmetry with boolean masks.
     """
-    k = torch.randint(0, 8, (x.shape[0],), generator=generator).to(x.device)
-    out = x.clone()
-    for sym in range(1, 8):  # one batched op per symmetry, not one per image
-        mask = k == sym
-        if mask.any():
-            img = x[mask].flip(2) if sym & 4 else x[mask]
-            out[mask] = torch.rot90(img, sym & 3, dims=(1, 2))
+    out = torch.empty_like(x)
+    for i, sym in enumerate(torch.randint(0, 8, (x.shape[0],), generator=generator).tolist()):
+        img = x[i].flip(1) if sym & 4 else x[i]
+        out[i].copy_(torch.rot90(img, sym & 3, dims=(0, 1)))
     return out
