@@ -4,13 +4,14 @@ Three measurements, in one run, appended to BENCHMARKS.md with the device and ve
 - data: images/s from the decoded-image cache vs decoding the JPEGs with PIL in the loop;
 - FL overhead: R rounds of N clients x E epochs in the Simulation Engine vs one process
   doing the same optimizer steps and the same evaluations with the same functions;
-- communication: bytes per round, and the time to serialize, deserialize and aggregate the
-  arrays of a large model (random weights).
+- communication: bytes per round, and the time to pack, unpack, transport and aggregate the
+  arrays of a large model (random weights), fl-sim's helpers beside Flower's.
 """
 
 from __future__ import annotations
 
 import json
+import pickle
 import platform
 import tempfile
 import time
@@ -30,6 +31,7 @@ from PIL import Image, ImageOps
 from rich.console import Console
 from rich.table import Table
 
+from fl_sim.arrays import to_record, to_state_dict, weighted_mean
 from fl_sim.client.train import train_local
 from fl_sim.config import DataConfig, ModelConfig, StudyConfig, expand_grid
 from fl_sim.data_partition import prepare_data
@@ -153,7 +155,8 @@ def bench_overhead(rounds: int, clients: int, epochs: int, image_size: int, num_
 
 
 def bench_communication(model_name: str, clients: int, repeats: int = 1) -> list[Row]:
-    """Serialize, deserialize and aggregate the arrays of `model_name` (random weights)."""
+    """The arrays of `model_name` (random weights) through every step a round puts them
+    through, fl-sim's helpers (fl_sim.arrays) beside the Flower helpers they replace."""
     model = create_model(ModelConfig(name=model_name), num_classes=7, image_size=224)
     state = model.state_dict()
     params = sum(v.numel() for v in state.values())
@@ -164,27 +167,59 @@ def bench_communication(model_name: str, clients: int, repeats: int = 1) -> list
             out = fn()
         return out, (time.perf_counter() - start) / repeats
 
-    # The wire path of Flower 1.39: the record's object tree, each object deflated to bytes.
-    record, t_pack = timed(lambda: ArrayRecord(state))
-    blobs, t_deflate = timed(lambda: {oid: obj.deflate()
-                                      for oid, obj in get_all_nested_objects(record).items()})
-    inflated, t_inflate = timed(lambda: inflate_object_from_contents(record.object_id, blobs))
-    _, t_unpack = timed(lambda: inflated.to_torch_state_dict())
+    record, pack = timed(lambda: to_record(state))
+    _, pack_flower = timed(lambda: ArrayRecord(state))
+    _, unpack = timed(lambda: model.load_state_dict(to_state_dict(record)))
+    _, unpack_flower = timed(lambda: model.load_state_dict(record.to_torch_state_dict()))
     replies = [RecordDict({"arrays": record, "metrics": MetricRecord({"num-examples": 100 + i})})
                for i in range(clients)]
-    _, t_aggregate = timed(lambda: aggregate_arrayrecords(replies, "num-examples"))
+    _, mean = timed(lambda: weighted_mean(replies, "num-examples"))
+    _, mean_flower = timed(lambda: aggregate_arrayrecords(replies, "num-examples"))
+    # Simulation: Ray pickles each Message into its object store and unpickles it in the
+    # receiving process. Deployment: Flower deflates the record's object tree to bytes.
+    pickled, dumps = timed(lambda: pickle.dumps(record, protocol=5))
+    _, loads = timed(lambda: pickle.loads(pickled))
+    del pickled
+    blobs, deflate = timed(lambda: {oid: obj.deflate()
+                                    for oid, obj in get_all_nested_objects(record).items()})
+    _, inflate = timed(lambda: inflate_object_from_contents(record.object_id, blobs))
+    del blobs
+    with tempfile.TemporaryDirectory() as tmp:
+        _, save = timed(lambda: torch.save(to_state_dict(record), Path(tmp) / "last.pt"))
+
     message = record.count_bytes()
     per_round = message * 3 * clients  # train down + train up + evaluate down
+    # One simulated round: the server unpacks once (global evaluation), aggregates once and
+    # writes a checkpoint; each client unpacks twice (train, evaluate) and packs once.
+    server = unpack + mean + save
+    server_flower = unpack_flower + mean_flower + save
+    client = 2 * unpack + pack
+    client_flower = 2 * unpack_flower + pack_flower
+
+    def row(item: str, ours: float, flowers: float | None, note: str) -> Row:
+        if flowers is None:
+            return Row(item, f"{ours:.2f} s", "-", "-", note)
+        return Row(item, f"{ours:.2f} s", f"{flowers:.2f} s (Flower's)", f"{ours / flowers:.2f}x", note)
+
     return [
         Row(f"communication: {model_name} ({params / 1e6:.0f} M params)",
             f"{message / 1e6:,.0f} MB/message", f"{per_round / 1e9:.2f} GB/round ({clients} clients)",
             "-", "train down + up, evaluate down"),
-        Row("communication: serialize (state_dict -> ArrayRecord -> bytes)",
-            f"{t_pack + t_deflate:.2f} s", "-", "-", f"pack {t_pack:.2f} s, deflate {t_deflate:.2f} s"),
-        Row("communication: deserialize (bytes -> state_dict)", f"{t_inflate + t_unpack:.2f} s",
-            "-", "-", f"inflate {t_inflate:.2f} s, to torch {t_unpack:.2f} s"),
-        Row(f"communication: aggregate {clients} replies (Flower's weighted mean)",
-            f"{t_aggregate:.2f} s", "-", "-", ""),
+        row("communication: pack (state_dict -> ArrayRecord)", pack, pack_flower,
+            "fl_sim.arrays.to_record vs ArrayRecord(state_dict)"),
+        row("communication: unpack (ArrayRecord -> model weights)", unpack, unpack_flower,
+            "load_state_dict(to_state_dict) vs load_state_dict(to_torch_state_dict)"),
+        row(f"communication: aggregate {clients} replies", mean, mean_flower,
+            "fl_sim.arrays.weighted_mean vs aggregate_arrayrecords"),
+        row("communication: simulation transport, per message", dumps + loads, None,
+            f"Ray's pickling, each way: dumps {dumps:.2f} s + loads {loads:.2f} s"),
+        row("communication: deployment wire, per message", deflate + inflate, None,
+            f"Flower's deflate {deflate:.2f} s + inflate {inflate:.2f} s"),
+        row("communication: checkpoint per round", save, None, "torch.save of last.pt"),
+        row(f"communication: server per round ({clients} clients)", server, server_flower,
+            "unpack + aggregate + checkpoint; plus transport of every message"),
+        row("communication: client per round", client, client_flower,
+            "2 unpacks + 1 pack; plus transport of its 3 messages"),
     ]
 
 
@@ -198,7 +233,7 @@ def run_bench(quick: bool, ham_root: Path, output: Path | None, console: Console
         rows = bench_data(ham_root, sizes=[64, 224], batches=30)
         rows += bench_overhead(rounds=5, clients=3, epochs=2, image_size=64, num_images=1400,
                                model="resnet18")
-        rows += bench_communication("convnext_large", clients=3)
+        rows += bench_communication("convnext_large", clients=3, repeats=3)
     table = Table(title=f"fl-sim bench{' --quick' if quick else ''}")
     for col in ("item", "fl-sim", "reference", "ratio", "note"):
         table.add_column(col)

@@ -23,16 +23,16 @@ def predict(
     """Predicted classes of images[indices] and the mean cross-entropy loss."""
     model.eval()
     device = preprocess.device
-    preds, total_loss = [], 0.0
+    preds, total_loss = [], torch.zeros((), device=device)  # on the device: one sync, at the end
     for start in range(0, len(indices), batch_size):
         idx = indices[start:start + batch_size]
         with autocast(device):
             logits = model(preprocess(images[idx])).float()
         y = torch.from_numpy(labels[idx]).to(device)
-        total_loss += F.cross_entropy(logits, y, reduction="sum").item()
-        preds.append(logits.argmax(1).cpu().numpy())
-    y_pred = np.concatenate(preds) if preds else np.empty(0, dtype=np.int64)
-    return y_pred, total_loss / max(len(indices), 1)
+        total_loss += F.cross_entropy(logits, y, reduction="sum")
+        preds.append(logits.argmax(1))
+    y_pred = torch.cat(preds).cpu().numpy() if preds else np.empty(0, dtype=np.int64)
+    return y_pred, total_loss.item() / max(len(indices), 1)
 
 
 def evaluate(

@@ -13,8 +13,10 @@ def test_quick_bench_writes_every_row(ham_root, tmp_path):
     text = out.read_text()
     assert "## fl-sim bench --quick" in text and "Device:" in text and "flwr 1.39" in text
     for row in ("| data: images/s at 64 px", "| FL overhead: steady round", "| FL overhead: start-up",
-                "| communication: convnext_tiny", "| communication: serialize",
-                "| communication: deserialize", "| communication: aggregate 3 replies"):
+                "| communication: convnext_tiny", "| communication: pack",
+                "| communication: unpack", "| communication: aggregate 3 replies",
+                "| communication: simulation transport", "| communication: deployment wire",
+                "| communication: server per round", "| communication: client per round"):
         assert row in text, row
     lines = [line for line in text.splitlines() if line.startswith("| data") or line.startswith("| FL overhead: steady")]
     for line in lines:  # measured ratios, not placeholders

@@ -13,10 +13,11 @@ import time
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fl_sim.task import client_rng, load_data, load_model
+from fl_sim.arrays import to_record, to_state_dict
 from fl_sim.client.train import train_local
 from fl_sim.config import DataConfig, GlobalTestConfig, PartitionConfig, RunConfig
 from fl_sim.evaluation import evaluate
+from fl_sim.task import client_rng, load_data, load_model
 
 app = ClientApp()
 
@@ -59,7 +60,7 @@ def _setup(msg: Message, context: Context):
     run_cfg = RunConfig.model_validate_json(run_json)
     data = load_data(data_cfg.model_dump_json())
     model, preprocess = load_model(run_json, tuple(data.class_names), data.images.shape[1])
-    model.load_state_dict(msg.content["arrays"].to_torch_state_dict(), strict=True)
+    model.load_state_dict(to_state_dict(msg.content["arrays"]), strict=True)
     # `partition` indexes this node's data; the client id it reports is its partition-id.
     return config, run_cfg, data, model, preprocess, partition, int(context.node_config["partition-id"])
 
@@ -87,7 +88,7 @@ def train(msg: Message, context: Context) -> Message:
         proximal_mu=float(config.get("proximal-mu", 0.0)),
     )
     result["train_time_s"] = time.perf_counter() - start
-    return _reply(msg, pid, len(indices), result, ArrayRecord(model.state_dict()))
+    return _reply(msg, pid, len(indices), result, to_record(model.state_dict()))
 
 
 @app.evaluate()

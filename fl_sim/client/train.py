@@ -70,7 +70,9 @@ def train_local(
         if proximal_mu > 0 else None
     )
     generator = torch.Generator().manual_seed(int(rng.integers(2**31)))
-    total, seen, steps = 0.0, 0, 0
+    # The loss is summed on the device: no per-step sync, so the host prepares the next batch
+    # while the GPU computes.
+    total, seen, steps = torch.zeros((), device=device), 0, 0
     for _ in range(cfg.local_epochs):
         order = rng.permutation(indices)
         for start in range(0, len(order), cfg.batch_size):
@@ -91,7 +93,7 @@ def train_local(
             optimizer.zero_grad(set_to_none=True)
             objective.backward()
             optimizer.step()
-            total += loss.item() * len(idx)
+            total += loss.detach() * len(idx)
             seen += len(idx)
             steps += 1
-    return {"train_loss": total / max(seen, 1), "steps": steps}
+    return {"train_loss": total.item() / max(seen, 1), "steps": steps}

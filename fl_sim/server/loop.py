@@ -23,6 +23,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 from sklearn.metrics import confusion_matrix
 
+from fl_sim.arrays import to_record, to_state_dict
 from fl_sim.config import Run, RunConfig, StudyConfig, proximal_mu
 from fl_sim.errors import FlSimError
 from fl_sim.evaluation import predict
@@ -171,13 +172,13 @@ class FederatedRun:
                     "or change `out`/`study` to keep both.")
             state = RunState(**ckpt["state"])
             self._keep_rows_up_to(state.round)
-            return ArrayRecord(ckpt["state_dict"]), pickle.loads(ckpt["strategy"]), state
+            return to_record(ckpt["state_dict"]), pickle.loads(ckpt["strategy"]), state
         (self.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(yaml.safe_dump(self.resolved, sort_keys=False))
         self.data.write_manifest(self.run_dir / "partition.csv")
         self._keep_rows_up_to(-1)
         strategy = build_strategy(self.cfg.strategy, self.data.num_clients, self.min_clients)
-        return ArrayRecord(self.model.state_dict()), strategy, RunState()
+        return to_record(self.model.state_dict()), strategy, RunState()
 
     def _keep_rows_up_to(self, server_round: int) -> None:
         """Drop metric rows of a round that was cut off (it will be repeated)."""
@@ -195,7 +196,7 @@ class FederatedRun:
         folder = self.run_dir / "checkpoints"
         tmp = folder / "last.pt.tmp"
         torch.save({"round": state.round, "run": self.run.name, "classes": self.data.classes,
-                    "config": self.resolved, "state_dict": arrays.to_torch_state_dict(),
+                    "config": self.resolved, "state_dict": to_state_dict(arrays),
                     "strategy": pickle.dumps(strategy), "state": dataclasses.asdict(state)}, tmp)
         tmp.replace(folder / "last.pt")
         if is_best:
@@ -207,7 +208,7 @@ class FederatedRun:
     # ------------------------------------------------------------------ steps
 
     def _global_eval(self, server_round: int, arrays: ArrayRecord, log: RunLog) -> dict:
-        self.model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
+        self.model.load_state_dict(to_state_dict(arrays), strict=True)
         rows = self.data.indices("global", "test")
         y_pred, loss = predict(self.model, self.data.images, self.data.labels, rows,
                                self.preprocess, self.cfg.eval_batch_size)

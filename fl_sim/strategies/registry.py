@@ -6,6 +6,7 @@ import inspect
 
 from flwr.serverapp import strategy as fl
 
+from fl_sim.arrays import use_weighted_mean
 from fl_sim.config import StrategyConfig, proximal_mu
 from fl_sim.errors import FlSimError
 
@@ -35,7 +36,9 @@ def strategy_params(name: str) -> set[str]:
 
 
 def build_strategy(cfg: StrategyConfig, num_clients: int, min_clients: int | None = None) -> fl.FedAvg:
-    """A strategy that samples every client each round and waits for `min_clients` of them."""
+    """A strategy that samples every client each round and waits for `min_clients` of them;
+    the FedAvg family averages with fl-sim's `weighted_mean`."""
+    use_weighted_mean()
     unknown = set(cfg.params) - strategy_params(cfg.name)
     if unknown:
         raise FlSimError(

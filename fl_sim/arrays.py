@@ -1,0 +1,76 @@
+"""Model weights <-> Flower ArrayRecords, without the copies Flower's helpers make.
+
+Flower stores each array as `.npy` bytes. Its `Array.numpy()` parses them into a new array
+(a full copy per message), and its weighted mean copies every reply once more and
+allocates a temporary per term. Here the bytes are read in place and the mean is one fused
+multiply-add per reply, on torch's threads.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from collections import OrderedDict
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, RecordDict
+from flwr.common.constant import SType
+from flwr.serverapp.strategy import fedavg
+
+
+def array_view(array: Array) -> np.ndarray:
+    """A read-only ndarray over the Array's bytes (no copy)."""
+    stream = io.BytesIO(array.data[:1024])  # the .npy header is far shorter
+    fmt = np.lib.format
+    read_header = fmt.read_array_header_1_0 if fmt.read_magic(stream) == (1, 0) else fmt.read_array_header_2_0
+    shape, fortran_order, dtype = read_header(stream)
+    view = np.frombuffer(array.data, dtype=dtype, count=int(np.prod(shape)), offset=stream.tell())
+    return view.reshape(shape, order="F" if fortran_order else "C")
+
+
+def to_state_dict(record: ArrayRecord) -> OrderedDict[str, torch.Tensor]:
+    """Tensors viewing the record's bytes, for `load_state_dict` or `torch.save` (both copy).
+    They must not be written to: the memory belongs to immutable bytes."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return OrderedDict((k, torch.from_numpy(array_view(v))) for k, v in record.items())
+
+
+def to_array(tensor: torch.Tensor) -> Array:
+    """`Array(tensor)` with one copy: the .npy header and the tensor's bytes joined once
+    (Flower's np.save into a growing BytesIO copies them two to three times)."""
+    arr = tensor.detach().cpu().contiguous().numpy()
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, np.lib.format.header_data_from_array_1_0(arr))
+    return Array(dtype=str(arr.dtype), shape=tuple(arr.shape), stype=SType.NUMPY,
+                 data=header.getvalue() + arr.data.cast("B"))
+
+
+def to_record(state_dict: dict[str, torch.Tensor]) -> ArrayRecord:
+    """`ArrayRecord(state_dict)`, built with `to_array`."""
+    return ArrayRecord(OrderedDict((k, to_array(v)) for k, v in state_dict.items()))
+
+
+def weighted_mean(records: list[RecordDict], weighting_metric_name: str) -> ArrayRecord:
+    """Flower's `aggregate_arrayrecords`, same result: the mean of every reply's arrays,
+    weighted by `weighting_metric_name` of its MetricRecord (integer arrays in float64)."""
+    weights = [float(next(iter(r.metric_records.values()))[weighting_metric_name]) for r in records]
+    total = sum(weights)
+    states = [to_state_dict(next(iter(r.array_records.values()))) for r in records]
+    mean = OrderedDict()
+    for key, first in states[0].items():
+        dtype = first.dtype if first.is_floating_point() else torch.float64
+        acc = torch.mul(first.to(dtype), weights[0] / total)
+        for state, w in zip(states[1:], weights[1:], strict=True):
+            acc.add_(state[key], alpha=w / total)
+        mean[key] = acc
+    return to_record(mean)
+
+
+def use_weighted_mean() -> None:
+    """Make FedAvg, and every strategy built on it (FedProx, FedAdam, FedYogi, FedAdagrad,
+    FedAvgM), average with `weighted_mean`: they call the name from fedavg's module."""
+    if not hasattr(fedavg, "aggregate_arrayrecords"):
+        raise RuntimeError("flwr.serverapp.strategy.fedavg no longer has aggregate_arrayrecords")
+    fedavg.aggregate_arrayrecords = weighted_mean
