@@ -296,12 +296,14 @@ class FederatedRun:
                 is_best = score > state.best_score
                 if is_best:
                     state.best_round, state.best_score, state.best = server_round, score, record
-                seconds = time.perf_counter() - t0
-                state.round_seconds.append(seconds)
+                state.round_seconds.append(time.perf_counter() - t0)
+                self._save(arrays, strategy, state, is_best)
+                # The round's time includes its checkpoint (a resumed run keeps the time
+                # measured just before the write).
+                seconds = state.round_seconds[-1] = time.perf_counter() - t0
                 log.scalar("time/round_s", seconds, server_round)
                 log.scalar("comm/bytes_sent", state.bytes_sent - sent, server_round)
                 log.scalar("comm/bytes_received", state.bytes_received - received, server_round)
-                self._save(arrays, strategy, state, is_best)
                 self._write_summary(state, done=False)
                 if self.on_round:
                     self.on_round(RoundReport(server_round, self.cfg.rounds, seconds, global_test,
