@@ -31,7 +31,7 @@ from PIL import Image, ImageOps
 from rich.console import Console
 from rich.table import Table
 
-from fl_sim.arrays import to_record, to_state_dict, weighted_mean
+from fl_sim.arrays import to_state_dict, weighted_mean
 from fl_sim.client.train import train_local
 from fl_sim.config import DataConfig, ModelConfig, StudyConfig, expand_grid
 from fl_sim.data_partition import prepare_data
@@ -167,8 +167,7 @@ def bench_communication(model_name: str, clients: int, repeats: int = 1) -> list
             out = fn()
         return out, (time.perf_counter() - start) / repeats
 
-    record, pack = timed(lambda: to_record(state))
-    _, pack_flower = timed(lambda: ArrayRecord(state))
+    record, pack = timed(lambda: ArrayRecord(state))
     _, unpack = timed(lambda: model.load_state_dict(to_state_dict(record)))
     _, unpack_flower = timed(lambda: model.load_state_dict(record.to_torch_state_dict()))
     replies = [RecordDict({"arrays": record, "metrics": MetricRecord({"num-examples": 100 + i})})
@@ -182,7 +181,7 @@ def bench_communication(model_name: str, clients: int, repeats: int = 1) -> list
     del pickled
     blobs, deflate = timed(lambda: {oid: obj.deflate()
                                     for oid, obj in get_all_nested_objects(record).items()})
-    _, inflate = timed(lambda: inflate_object_from_contents(record.object_id, blobs))
+    _, inflate = timed(lambda: inflate_object_from_contents(record.object_id, dict(blobs)))  # consumes it
     del blobs
     with tempfile.TemporaryDirectory() as tmp:
         _, save = timed(lambda: torch.save(to_state_dict(record), Path(tmp) / "last.pt"))
@@ -194,7 +193,7 @@ def bench_communication(model_name: str, clients: int, repeats: int = 1) -> list
     server = unpack + mean + save
     server_flower = unpack_flower + mean_flower + save
     client = 2 * unpack + pack
-    client_flower = 2 * unpack_flower + pack_flower
+    client_flower = 2 * unpack_flower + pack
 
     def row(item: str, ours: float, flowers: float | None, note: str) -> Row:
         if flowers is None:
@@ -205,8 +204,8 @@ def bench_communication(model_name: str, clients: int, repeats: int = 1) -> list
         Row(f"communication: {model_name} ({params / 1e6:.0f} M params)",
             f"{message / 1e6:,.0f} MB/message", f"{per_round / 1e9:.2f} GB/round ({clients} clients)",
             "-", "train down + up, evaluate down"),
-        row("communication: pack (state_dict -> ArrayRecord)", pack, pack_flower,
-            "fl_sim.arrays.to_record vs ArrayRecord(state_dict)"),
+        row("communication: pack (state_dict -> ArrayRecord)", pack, None,
+            "Flower's ArrayRecord(state_dict), used by both"),
         row("communication: unpack (ArrayRecord -> model weights)", unpack, unpack_flower,
             "load_state_dict(to_state_dict) vs load_state_dict(to_torch_state_dict)"),
         row(f"communication: aggregate {clients} replies", mean, mean_flower,

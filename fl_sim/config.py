@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -167,7 +167,9 @@ class StrategyConfig(Strict):
 class ResourcesConfig(Strict):
     """Per simulated client, handed to Flower's Ray backend (scheduling hints, not limits)."""
 
-    num_cpus: float = Field(1, gt=0)
+    num_cpus: Annotated[float, Field(gt=0)] | Literal["auto"] = Field(
+        "auto", description="auto: the clients of a round share this machine's cores in "
+        "balanced waves (fl_sim.simulation.client_cpus); 1 on a Ray cluster")
     num_gpus: float = Field(0.0, ge=0, description="fractions pack several clients on one GPU")
 
 

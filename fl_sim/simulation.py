@@ -130,12 +130,14 @@ def _run_all(study: StudyConfig, runs: list[Run], num_clients: int, console: Con
                 highlight=False, soft_wrap=True)
 
         resources = run.config.resources
+        cpus = client_cpus(resources.num_cpus, num_clients,
+                           None if _ray_address() else len(os.sched_getaffinity(0)))
         run_simulation(
             server_app=make_server_app(study, run, on_round),
             client_app=_client_app(),
             num_supernodes=num_clients,
             backend_config={
-                "client_resources": {"num_cpus": resources.num_cpus,
+                "client_resources": {"num_cpus": cpus,
                                      "num_gpus": resources.num_gpus},
                 "init_args": {"include_dashboard": False, "log_to_driver": verbose,
                               **_ray_address()},
@@ -148,6 +150,19 @@ def _run_all(study: StudyConfig, runs: list[Run], num_clients: int, console: Con
         eta.runs_left -= 1
         done.append(run_dir)
     return done
+
+
+def client_cpus(requested: float | str, num_clients: int, cores: int | None) -> float:
+    """Ray's CPU share per client. `auto` runs k clients at a time on `cores` cores, k the
+    smallest divisor of `num_clients` from `cores` to twice that (else `cores`): every wave
+    is full and no core idles. Separate processes scale better than intra-op threads (3
+    clients on 2 cores: 3 actors beat 2 actors and 1 two-thread actor; BENCHMARKS.md)."""
+    if requested != "auto":
+        return float(requested)
+    if cores is None:  # a Ray cluster: its size is not known before Ray starts
+        return 1.0
+    k = next((d for d in range(cores, 2 * cores + 1) if num_clients % d == 0), cores)
+    return cores / min(k, num_clients)
 
 
 def _client_app():

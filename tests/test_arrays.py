@@ -3,30 +3,21 @@
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, MetricRecord, RecordDict
 from flwr.serverapp.strategy import fedavg
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-from fl_sim.arrays import to_array, to_record, to_state_dict, weighted_mean
+from fl_sim.arrays import to_state_dict, weighted_mean
 from fl_sim.config import StrategyConfig
 from fl_sim.strategies import build_strategy
 
 TENSORS = {
     "matrix": torch.randn(3, 4),
     "scalar": torch.tensor(7),
-    "transposed": torch.randn(4, 3).t(),
     "channels_last": torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last),
     "half": torch.randn(5).half(),
     "counter": torch.arange(6, dtype=torch.int64),
 }
-
-
-@pytest.mark.parametrize("name", TENSORS)
-def test_to_array_writes_the_bytes_flower_writes(name):
-    t = TENSORS[name]
-    ours, flowers = to_array(t), Array(t.contiguous().numpy())
-    assert (ours.data, ours.shape, ours.dtype, ours.stype) == (
-        flowers.data, flowers.shape, flowers.dtype, flowers.stype)
 
 
 def test_to_state_dict_reads_what_flower_reads_without_copying():
@@ -38,7 +29,6 @@ def test_to_state_dict_reads_what_flower_reads_without_copying():
     data = record["matrix"].data
     view = ours["matrix"].numpy()
     assert np.shares_memory(view, np.frombuffer(data, dtype=np.uint8))  # a view, not a copy
-    assert to_record(ours)["matrix"].data == data
 
 
 def _replies(weights):

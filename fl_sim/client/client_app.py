@@ -13,7 +13,7 @@ import time
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fl_sim.arrays import to_record, to_state_dict
+from fl_sim.arrays import to_state_dict
 from fl_sim.client.train import train_local
 from fl_sim.config import DataConfig, GlobalTestConfig, PartitionConfig, RunConfig
 from fl_sim.evaluation import evaluate
@@ -88,7 +88,7 @@ def train(msg: Message, context: Context) -> Message:
         proximal_mu=float(config.get("proximal-mu", 0.0)),
     )
     result["train_time_s"] = time.perf_counter() - start
-    return _reply(msg, pid, len(indices), result, to_record(model.state_dict()))
+    return _reply(msg, pid, len(indices), result, ArrayRecord(model.state_dict()))
 
 
 @app.evaluate()
