@@ -52,6 +52,10 @@ class Row:
     note: str
 
 
+def verdict(met: bool, target: str) -> str:
+    return f"{target}: {'met' if met else 'NOT met'}"
+
+
 def plain_pil(path: str, size: int) -> np.ndarray:
     """What a typical Dataset.__getitem__ does on every epoch."""
     with Image.open(path) as img:
@@ -78,21 +82,31 @@ def bench_data(ham_root: Path, sizes: list[int], batches: int, batch: int = 32) 
                 preprocess = BatchPreprocessor(size, ((0.5,) * 3, (0.5,) * 3), torch.device("cpu"))
                 generator = torch.Generator().manual_seed(0)
                 rng = np.random.default_rng(0)
-                picks = [np.sort(rng.choice(len(path_of_row), batch, replace=False))
-                         for _ in range(batches)]
 
-                def rate(load) -> float:
+                def seconds(load) -> float:
+                    picks = [np.sort(rng.choice(len(path_of_row), batch, replace=False))
+                             for _ in range(batches)]
                     start = time.perf_counter()
                     for idx in picks:
                         preprocess(load(idx), generator)
-                    return batches * batch / (time.perf_counter() - start)
+                    return time.perf_counter() - start
 
-                cached = rate(lambda idx: data.images[idx])
-                decoded = rate(lambda idx: np.stack([plain_pil(p, size) for p in path_of_row[idx]]))
+                def cached_batch(idx):
+                    return data.images[idx]
+
+                def decoded_batch(idx):
+                    return np.stack([plain_pil(p, size) for p in path_of_row[idx]])
+
+                # Best of 3 alternating trials, fresh random batches each: a burst of load on a
+                # shared machine slows one trial, not the ratio.
+                trials = [(seconds(cached_batch), seconds(decoded_batch)) for _ in range(3)]
+                cached = batches * batch / min(t for t, _ in trials)
+                decoded = batches * batch / min(t for _, t in trials)
                 rows.append(Row(f"data: images/s at {size} px, batch {batch}, 1 thread",
                                 f"{cached:,.0f} (cache)", f"{decoded:,.0f} (PIL decode)",
-                                f"{cached / decoded:.0f}x",
-                                f"target >= 5x; cache of 10,015 images built in {build:.0f} s"))
+                                f"{cached / decoded:.1f}x",
+                                f"{verdict(cached / decoded >= 5, 'target >= 5x')}; "
+                                f"cache of 10,015 images built in {build:.0f} s"))
     finally:
         torch.set_num_threads(threads)
     return rows
@@ -148,7 +162,8 @@ def bench_overhead(rounds: int, clients: int, epochs: int, image_size: int, num_
     work = f"{rounds} rounds x {clients} clients x {epochs} epoch, {model}, {image_size} px"
     return [
         Row(f"FL overhead: steady round ({work})", f"{steady:.2f} s", f"{plain:.2f} s (plain loop)",
-            f"{steady / plain:.2f}x", "target <= 1.10x; both train, evaluate val/test/global"),
+            f"{steady / plain:.2f}x",
+            f"{verdict(steady / plain <= 1.10, 'target <= 1.10x')}; both train, evaluate val/test/global"),
         Row("FL overhead: start-up", f"{startup:.1f} s", "-", "-",
             "Ray init, actors, model builds, round-0 global eval"),
     ]
