@@ -120,7 +120,10 @@ def overhead_study(tmp: Path, rounds: int, clients: int, epochs: int, image_size
                  "synthetic": {"num_images": num_images},
                  "partition": {"num_clients": clients}},
         "defaults": {"rounds": rounds, "local_epochs": epochs, "model": {"name": model},
-                     "optimizer": {"name": "adamw"}, "augment": True},
+                     "optimizer": {"name": "adamw"}, "augment": True,
+                     # The plain loop trains on the GPU when there is one; so must the clients
+                     # (Ray hides GPUs from actors that ask for none). All share it at once.
+                     "resources": {"num_gpus": 1 / clients if torch.cuda.is_available() else 0}},
     })
 
 
@@ -159,7 +162,8 @@ def bench_overhead(rounds: int, clients: int, epochs: int, image_size: int, num_
         plain = plain_loop(study)
     steady = float(np.mean(seconds[1:])) if len(seconds) > 1 else seconds[0]
     startup = total - sum(seconds[1:]) - steady  # Ray, actors, model builds, round-0 eval
-    work = f"{rounds} rounds x {clients} clients x {epochs} epoch, {model}, {image_size} px"
+    device = "GPU" if torch.cuda.is_available() else "CPU"
+    work = f"{rounds} rounds x {clients} clients x {epochs} epoch, {model}, {image_size} px, {device}"
     return [
         Row(f"FL overhead: steady round ({work})", f"{steady:.2f} s", f"{plain:.2f} s (plain loop)",
             f"{steady / plain:.2f}x",

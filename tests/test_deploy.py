@@ -128,6 +128,13 @@ def test_connection_entry_for_flwr(tmp_path, monkeypatch):
     assert "insecure = true" in config and 'default = "fl-sim"' in config
 
 
+def test_flower_helpers_come_from_this_environment_when_it_is_not_activated(monkeypatch):
+    # flower-supernode starts flower-superexec by name: without the venv's bin on PATH it dies.
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    first = processes.flower_env()["PATH"].split(os.pathsep)[0]
+    assert (Path(first) / "flower-superexec").is_file()
+
+
 # ----------------------------------------------------------------------------- slow
 
 

@@ -45,6 +45,9 @@ def flower_env() -> dict[str, str]:
     env.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     env.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
     env.setdefault("PYTHONUNBUFFERED", "1")  # logs reach the file as they happen
+    # Flower's processes start their helpers (flower-superexec, flwr-clientapp) by name:
+    # find this environment's first, also when it is not activated.
+    env["PATH"] = os.pathsep.join(filter(None, [str(Path(sys.executable).parent), env.get("PATH")]))
     return env
 
 
