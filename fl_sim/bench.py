@@ -67,49 +67,49 @@ def bench_data(ham_root: Path, sizes: list[int], batches: int, batch: int = 32) 
     float tensor), one thread as in a loader worker: cache rows vs PIL decoding per image."""
     if not (ham_root / "HAM10000_metadata.csv").is_file():
         return [Row("data", "-", "-", "-", f"skipped: no HAM10000 copy at {ham_root}")]
-    rows = []
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         with tempfile.TemporaryDirectory() as cache:
             paths = {p.stem: str(p) for p in ham_root.glob("HAM10000_images_part_*/*.jpg")}
-            for size in sizes:
-                start = time.perf_counter()
-                data = prepare_data(DataConfig(dataset="ham10000", root=ham_root, image_size=size,
-                                               cache_dir=Path(cache)), progress=False)
-                build = time.perf_counter() - start
-                path_of_row = np.asarray([paths[i] for i in data.manifest["image_id"]], dtype=object)
-                preprocess = BatchPreprocessor(size, ((0.5,) * 3, (0.5,) * 3), torch.device("cpu"))
-                generator = torch.Generator().manual_seed(0)
-                rng = np.random.default_rng(0)
-
-                def seconds(load) -> float:
-                    picks = [np.sort(rng.choice(len(path_of_row), batch, replace=False))
-                             for _ in range(batches)]
-                    start = time.perf_counter()
-                    for idx in picks:
-                        preprocess(load(idx), generator)
-                    return time.perf_counter() - start
-
-                def cached_batch(idx):
-                    return data.images[idx]
-
-                def decoded_batch(idx):
-                    return np.stack([plain_pil(p, size) for p in path_of_row[idx]])
-
-                # Best of 3 alternating trials, fresh random batches each: a burst of load on a
-                # shared machine slows one trial, not the ratio.
-                trials = [(seconds(cached_batch), seconds(decoded_batch)) for _ in range(3)]
-                cached = batches * batch / min(t for t, _ in trials)
-                decoded = batches * batch / min(t for _, t in trials)
-                rows.append(Row(f"data: images/s at {size} px, batch {batch}, 1 thread",
-                                f"{cached:,.0f} (cache)", f"{decoded:,.0f} (PIL decode)",
-                                f"{cached / decoded:.1f}x",
-                                f"{verdict(cached / decoded >= 5, 'target >= 5x')}; "
-                                f"cache of 10,015 images built in {build:.0f} s"))
+            return [_data_row(ham_root, Path(cache), paths, size, batches, batch) for size in sizes]
     finally:
         torch.set_num_threads(threads)
-    return rows
+
+
+def _data_row(ham_root: Path, cache: Path, paths: dict[str, str], size: int, batches: int,
+              batch: int) -> Row:
+    start = time.perf_counter()
+    data = prepare_data(DataConfig(dataset="ham10000", root=ham_root, image_size=size, cache_dir=cache),
+                        progress=False)
+    build = time.perf_counter() - start
+    path_of_row = np.asarray([paths[i] for i in data.manifest["image_id"]], dtype=object)
+    preprocess = BatchPreprocessor(size, ((0.5,) * 3, (0.5,) * 3), torch.device("cpu"))
+    generator = torch.Generator().manual_seed(0)
+    rng = np.random.default_rng(0)
+
+    def seconds(load) -> float:
+        picks = [np.sort(rng.choice(len(path_of_row), batch, replace=False)) for _ in range(batches)]
+        start = time.perf_counter()
+        for idx in picks:
+            preprocess(load(idx), generator)
+        return time.perf_counter() - start
+
+    def cached_batch(idx: np.ndarray) -> np.ndarray:
+        return data.images[idx]
+
+    def decoded_batch(idx: np.ndarray) -> np.ndarray:
+        return np.stack([plain_pil(p, size) for p in path_of_row[idx]])
+
+    # Best of 3 alternating trials, fresh random batches each: a burst of load on a shared
+    # machine slows one trial, not the ratio.
+    trials = [(seconds(cached_batch), seconds(decoded_batch)) for _ in range(3)]
+    cached = batches * batch / min(t for t, _ in trials)
+    decoded = batches * batch / min(t for _, t in trials)
+    return Row(f"data: images/s at {size} px, batch {batch}, 1 thread",
+               f"{cached:,.0f} (cache)", f"{decoded:,.0f} (PIL decode)", f"{cached / decoded:.1f}x",
+               f"{verdict(cached / decoded >= 5, 'target >= 5x')}; "
+               f"cache of {len(path_of_row):,} images built in {build:.0f} s")
 
 
 def overhead_study(tmp: Path, rounds: int, clients: int, epochs: int, image_size: int,
@@ -197,11 +197,11 @@ def bench_communication(model_name: str, clients: int, repeats: int = 1) -> list
     # receiving process. Deployment: Flower deflates the record's object tree to bytes.
     pickled, dumps = timed(lambda: pickle.dumps(record, protocol=5))
     _, loads = timed(lambda: pickle.loads(pickled))
-    del pickled
+    pickled = None  # frees the message's bytes before the next step
     blobs, deflate = timed(lambda: {oid: obj.deflate()
                                     for oid, obj in get_all_nested_objects(record).items()})
     _, inflate = timed(lambda: inflate_object_from_contents(record.object_id, dict(blobs)))  # consumes it
-    del blobs
+    blobs = None
     with tempfile.TemporaryDirectory() as tmp:
         _, save = timed(lambda: torch.save(to_state_dict(record), Path(tmp) / "last.pt"))
 
@@ -243,16 +243,30 @@ def bench_communication(model_name: str, clients: int, repeats: int = 1) -> list
 
 def run_bench(quick: bool, ham_root: Path, output: Path | None, console: Console) -> list[Row]:
     if quick:
-        rows = bench_data(ham_root, sizes=[64], batches=10)
-        rows += bench_overhead(rounds=3, clients=3, epochs=1, image_size=32, num_images=600,
-                               model="test_convnext")
-        rows += bench_communication("convnext_tiny", clients=3)
+        items = [lambda: bench_data(ham_root, sizes=[64], batches=10),
+                 lambda: bench_overhead(rounds=3, clients=3, epochs=1, image_size=32, num_images=600,
+                                        model="test_convnext"),
+                 lambda: bench_communication("convnext_tiny", clients=3)]
     else:
-        rows = bench_data(ham_root, sizes=[64, 224], batches=30)
-        rows += bench_overhead(rounds=5, clients=3, epochs=2, image_size=64, num_images=1400,
-                               model="resnet18")
-        rows += bench_communication("convnext_large", clients=3, repeats=3)
-    table = Table(title=f"fl-sim bench{' --quick' if quick else ''}")
+        items = [lambda: bench_data(ham_root, sizes=[64, 224], batches=30),
+                 lambda: bench_overhead(rounds=5, clients=3, epochs=2, image_size=64, num_images=1400,
+                                        model="resnet18"),
+                 lambda: bench_communication("convnext_large", clients=3, repeats=3)]
+    rows: list[Row] = []
+    try:
+        for item in items:
+            rows += item()
+    except BaseException:
+        if rows:  # a later item failed (or Ctrl-C): keep what was measured before it
+            _publish(rows, quick, False, output, console)
+        raise
+    _publish(rows, quick, True, output, console)
+    return rows
+
+
+def _publish(rows: list[Row], quick: bool, complete: bool, output: Path | None,
+             console: Console) -> None:
+    table = Table(title=f"fl-sim bench{' --quick' if quick else ''}{'' if complete else ' (incomplete)'}")
     for col in ("item", "fl-sim", "reference", "ratio", "note"):
         table.add_column(col)
     for r in rows:
@@ -260,18 +274,18 @@ def run_bench(quick: bool, ham_root: Path, output: Path | None, console: Console
     console.print(table)
     if output is not None:
         with open(output, "a", encoding="utf-8") as f:
-            f.write(markdown(rows, quick))
+            f.write(markdown(rows, quick, complete))
         console.print(f"appended to {output}")
-    return rows
 
 
-def markdown(rows: list[Row], quick: bool) -> str:
+def markdown(rows: list[Row], quick: bool, complete: bool) -> str:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else (
         f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
     lines = [
-        f"\n## fl-sim bench{' --quick' if quick else ''}, {date.today().isoformat()}\n",
-        f"Device: {device}. Python {platform.python_version()}, torch {torch.__version__}, "
-        f"flwr {flwr.__version__}, timm {timm.__version__}.\n",
+        (f"\n## fl-sim bench{' --quick' if quick else ''}, {date.today().isoformat()}"
+         f"{'' if complete else ' (incomplete: a later item failed)'}\n"),
+        (f"Device: {device}. Python {platform.python_version()}, torch {torch.__version__}, "
+         f"flwr {flwr.__version__}, timm {timm.__version__}.\n"),
         "| item | fl-sim | reference | ratio | note |", "|---|---|---|---|---|",
     ]
     lines += [f"| {r.item} | {r.fl_sim} | {r.reference} | {r.ratio} | {r.note} |" for r in rows]

@@ -1,7 +1,6 @@
 """fl-sim's ArrayRecord helpers give exactly what Flower's do, with fewer copies."""
 
 import numpy as np
-import pytest
 import torch
 from flwr.app import ArrayRecord, MetricRecord, RecordDict
 from flwr.serverapp.strategy import fedavg
