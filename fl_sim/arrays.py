@@ -29,17 +29,21 @@ def array_view(array: Array) -> np.ndarray:
     return view.reshape(shape, order="F" if fortran_order else "C")
 
 
+# to_state_dict's views are read-only on purpose; torch's warning about it says nothing new.
+# Set once: warnings.catch_warnings() per call would swap the global filters, which is not
+# thread-safe (the server's figure thread runs beside it).
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+
+
 def to_state_dict(record: ArrayRecord) -> OrderedDict[str, torch.Tensor]:
     """Tensors viewing the record's bytes, for `load_state_dict` or `torch.save` (both copy).
     They must not be written to: the memory belongs to immutable bytes."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        return OrderedDict((k, torch.from_numpy(array_view(v))) for k, v in record.items())
+    return OrderedDict((k, torch.from_numpy(array_view(v))) for k, v in record.items())
 
 
 def weighted_mean(records: list[RecordDict], weighting_metric_name: str) -> ArrayRecord:
-    """Flower's `aggregate_arrayrecords`, same result: the mean of every reply's arrays,
-    weighted by `weighting_metric_name` of its MetricRecord (integer arrays in float64)."""
+    """Flower's `aggregate_arrayrecords`, equal to float rounding: the mean of every reply's
+    arrays, weighted by `weighting_metric_name` of its MetricRecord (integer arrays in float64)."""
     weights = [float(next(iter(r.metric_records.values()))[weighting_metric_name]) for r in records]
     total = sum(weights)
     states = [to_state_dict(next(iter(r.array_records.values()))) for r in records]

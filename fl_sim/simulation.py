@@ -130,8 +130,8 @@ def _run_all(study: StudyConfig, runs: list[Run], num_clients: int, console: Con
                 highlight=False, soft_wrap=True)
 
         resources = run.config.resources
-        cpus = client_cpus(resources.num_cpus, num_clients,
-                           None if _ray_address() else len(os.sched_getaffinity(0)))
+        cores = None if _ray_address() else local_cores()
+        cpus = client_cpus(resources.num_cpus, num_clients, cores)
         run_simulation(
             server_app=make_server_app(study, run, on_round),
             client_app=_client_app(),
@@ -139,8 +139,10 @@ def _run_all(study: StudyConfig, runs: list[Run], num_clients: int, console: Con
             backend_config={
                 "client_resources": {"num_cpus": cpus,
                                      "num_gpus": resources.num_gpus},
+                # A local Ray counts the cores as fl-sim did (not the host's, in a container
+                # pinned to fewer), so the actors it fits are the wave `client_cpus` planned.
                 "init_args": {"include_dashboard": False, "log_to_driver": verbose,
-                              **_ray_address()},
+                              **(_ray_address() or {"num_cpus": cores})},
             },
         )
         if not is_complete(run_dir):
@@ -162,7 +164,14 @@ def client_cpus(requested: float | str, num_clients: int, cores: int | None) -> 
     if cores is None:  # a Ray cluster: its size is not known before Ray starts
         return 1.0
     k = next((d for d in range(cores, 2 * cores + 1) if num_clients % d == 0), cores)
-    return cores / min(k, num_clients)
+    # A hair under cores / k: Flower starts int(cores / share) actors, which float error in
+    # cores / k can make k - 1 (9 cores, 7 clients: 6 actors, and a second wave for one).
+    return cores / min(k, num_clients) * (1 - 1e-9)
+
+
+def local_cores() -> int:
+    """The cores this process may run on: its CPU affinity where the OS has one (Linux)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _client_app():

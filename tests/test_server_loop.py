@@ -1,11 +1,13 @@
 """The server loop's failure policy, with a fake grid standing in for Flower's."""
 
+import copy
+
 import pytest
 from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from fl_sim.errors import FlSimError
-from fl_sim.server.loop import send_and_check, wait_for_clients
+from fl_sim.server.loop import results_config, send_and_check, wait_for_clients
 
 
 @pytest.fixture(autouse=True)
@@ -69,3 +71,14 @@ def test_waiting_for_clients_is_bounded():
     wait_for_clients(FakeGrid(nodes=(0, 1, 2)), 3, timeout=1, server_round=1)
     with pytest.raises(FlSimError, match="only 2 clients connected, 3 needed"):
         wait_for_clients(FakeGrid(nodes=(0, 1)), 3, timeout=0.5, server_round=2)
+
+
+def test_a_run_resumes_under_other_resources_but_not_another_configuration():
+    saved = {"study": "s", "run": "r", "data": {"dataset": "synthetic"},
+             "run_config": {"rounds": 5, "optimizer": {"name": "sgd", "lr": 0.01},
+                            "resources": {"num_cpus": 1.0, "num_gpus": 0.0}}}
+    now = copy.deepcopy(saved)
+    now["run_config"]["resources"] = {"num_cpus": "auto", "num_gpus": 0.5}
+    assert results_config(now) == results_config(saved)
+    now["run_config"]["optimizer"]["lr"] = 0.1
+    assert results_config(now) != results_config(saved)

@@ -127,6 +127,13 @@ class RunState:
     round_seconds: list[float] = field(default_factory=list)
 
 
+def results_config(resolved: dict) -> dict:
+    """What a resumed run must share with its checkpoint: all but `resources`, which only
+    schedules clients (a run started with num_cpus 1 may resume under `auto`)."""
+    run_config = {k: v for k, v in resolved.get("run_config", {}).items() if k != "resources"}
+    return {**resolved, "run_config": run_config}
+
+
 class FederatedRun:
     """One run of a study: strategy, global model, rounds, outputs in `run_dir`.
 
@@ -167,7 +174,7 @@ class FederatedRun:
         last = self.run_dir / "checkpoints" / "last.pt"
         if last.exists():
             ckpt = torch.load(last, weights_only=False)
-            if ckpt.get("config") != self.resolved:
+            if results_config(ckpt.get("config") or {}) != results_config(self.resolved):
                 raise FlSimError(
                     f"{self.run_dir} holds a run with another configuration; delete that folder "
                     "or change `out`/`study` to keep both.")
