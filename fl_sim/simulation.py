@@ -130,7 +130,8 @@ def _run_all(study: StudyConfig, runs: list[Run], num_clients: int, console: Con
                 highlight=False, soft_wrap=True)
 
         resources = run.config.resources
-        cores = None if _ray_address() else local_cores()
+        cluster = _ray_address()
+        cores = None if cluster else local_cores()
         cpus = client_cpus(resources.num_cpus, num_clients, cores)
         run_simulation(
             server_app=make_server_app(study, run, on_round),
@@ -142,7 +143,7 @@ def _run_all(study: StudyConfig, runs: list[Run], num_clients: int, console: Con
                 # A local Ray counts the cores as fl-sim did (not the host's, in a container
                 # pinned to fewer), so the actors it fits are the wave `client_cpus` planned.
                 "init_args": {"include_dashboard": False, "log_to_driver": verbose,
-                              **(_ray_address() or {"num_cpus": cores})},
+                              **(cluster or {"num_cpus": cores})},
             },
         )
         if not is_complete(run_dir):

@@ -17,7 +17,7 @@ from fl_sim.simulation import client_cpus, local_cores
     (3, 16, 16 / 3),
 ])
 def test_auto_share(clients, cores, share):
-    assert client_cpus("auto", clients, cores) == pytest.approx(share, abs=1e-4)
+    assert client_cpus("auto", clients, cores) == pytest.approx(share)
 
 
 def test_flower_fits_exactly_the_planned_wave_of_actors():
