@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fl_sim.data_partition import FederatedData
 from fl_sim.metrics import classification_metrics
 from fl_sim.transforms import BatchPreprocessor
 
@@ -47,6 +48,18 @@ def evaluate(
     """Metrics of `model` on images[indices] (see fl_sim.metrics), with the mean CE loss."""
     y_pred, loss = predict(model, images, labels, indices, preprocess, batch_size)
     return classification_metrics(labels[indices], y_pred, num_classes, loss=loss)
+
+
+def evaluate_splits(model: nn.Module, data: FederatedData, partition: int | str,
+                    preprocess: BatchPreprocessor, batch_size: int,
+                    splits: tuple[str, ...] = ("val", "test")) -> dict[str, float]:
+    """`evaluate` on each of a partition's splits, keys prefixed (`val_acc`, `test_n`, ...)."""
+    metrics = {}
+    for split in splits:
+        result = evaluate(model, data.images, data.labels, data.indices(partition, split),
+                          preprocess, batch_size, len(data.classes))
+        metrics.update({f"{split}_{k}": v for k, v in result.items()})
+    return metrics
 
 
 def autocast(device: torch.device) -> torch.autocast:

@@ -8,18 +8,19 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 from rich.console import Console
 
-from fl_sim.config import Run, StudyConfig
+from fl_sim.config import BASELINES, Run, StudyConfig
 from fl_sim.data_partition import prepare_data
 from fl_sim.errors import FlSimError
 from fl_sim.models import timm_name
+from fl_sim.server.baselines import BASELINE_RUNS
 from fl_sim.server.loop import RoundReport
-from fl_sim.server.server_app import make_server_app, run_dir_of
+from fl_sim.server.server_app import make_server_app
 from fl_sim.strategies import build_strategy
 
 
@@ -43,7 +44,8 @@ def check_runs(runs: list[Run], num_clients: int) -> None:
     """Fail before any simulation starts if a run's model or strategy cannot be built."""
     for run in runs:
         timm_name(run.config.model.name)
-        build_strategy(run.config.strategy, num_clients)
+        if run.config.strategy.name not in BASELINES:
+            build_strategy(run.config.strategy, num_clients)
 
 
 @contextlib.contextmanager
@@ -104,19 +106,19 @@ def run_study(study: StudyConfig, runs: list[Run], console: Console | None = Non
 
 def _run_all(study: StudyConfig, runs: list[Run], num_clients: int, console: Console,
              verbose: bool) -> list[Path]:
-    from flwr.simulation import run_simulation  # imports Ray: keep `--dry-run` fast
-
     done = []
-    todo = [r for r in runs if not is_complete(run_dir_of(study, r))]
+    todo = [r for r in runs if not is_complete(r.dir(study))]
     eta = Eta(len(todo))
     for i, run in enumerate(runs, 1):
-        run_dir = run_dir_of(study, run)
+        run_dir = run.dir(study)
         if is_complete(run_dir):
             console.print(f"[{i}/{len(runs)}] {run.name}: finished before, skipped")
             done.append(run_dir)
             continue
+        baseline = run.config.strategy.name in BASELINES
+        how = "trained in this process, no Flower" if baseline else "round 1 includes Ray start-up"
         console.print(f"[{i}/{len(runs)}] {run.name}: {num_clients} clients, "
-                      f"{run.config.rounds} rounds -> {run_dir}  (round 1 includes Ray start-up)",
+                      f"{run.config.rounds} rounds -> {run_dir}  ({how})",
                       highlight=False, soft_wrap=True)
         start = time.perf_counter()
         eta.start_run()
@@ -129,30 +131,43 @@ def _run_all(study: StudyConfig, runs: list[Run], num_clients: int, console: Con
                 f"{r.federated_val[metric]:.3f} (best round {r.best_round})  {eta.add(r)}",
                 highlight=False, soft_wrap=True)
 
-        resources = run.config.resources
-        cluster = _ray_address()
-        cores = None if cluster else local_cores()
-        cpus = client_cpus(resources.num_cpus, num_clients, cores)
-        run_simulation(
-            server_app=make_server_app(study, run, on_round),
-            client_app=_client_app(),
-            num_supernodes=num_clients,
-            backend_config={
-                "client_resources": {"num_cpus": cpus,
-                                     "num_gpus": resources.num_gpus},
-                # A local Ray counts the cores as fl-sim did (not the host's, in a container
-                # pinned to fewer), so the actors it fits are the wave `client_cpus` planned.
-                "init_args": {"include_dashboard": False, "log_to_driver": verbose,
-                              **(cluster or {"num_cpus": cores})},
-            },
-        )
+        if baseline:
+            BASELINE_RUNS[run.config.strategy.name](study, run, run_dir, on_round=on_round).execute()
+        else:
+            _simulate(study, run, num_clients, on_round, verbose)
         if not is_complete(run_dir):
             raise FlSimError(f"run {run.name} ended without finishing; see the log above and "
                              f"{run_dir}/metrics.jsonl for the rounds it completed.")
-        console.print(f"  {run.name} done in {time.perf_counter() - start:.0f} s")
+        stopped = json.loads((run_dir / "summary.json").read_text()).get("stopped")
+        console.print(f"  {run.name} done in {time.perf_counter() - start:.0f} s"
+                      + (f"; stopped after round {stopped['round']}: {stopped['reason']}"
+                         if stopped else ""), highlight=False, soft_wrap=True)
         eta.runs_left -= 1
         done.append(run_dir)
     return done
+
+
+def _simulate(study: StudyConfig, run: Run, num_clients: int,
+              on_round: Callable[[RoundReport], None], verbose: bool) -> None:
+    """One federated run in Flower's Simulation Engine on Ray."""
+    from flwr.simulation import run_simulation  # imports Ray: keep `--dry-run` fast
+
+    resources = run.config.resources
+    cluster = _ray_address()
+    cores = None if cluster else local_cores()
+    cpus = client_cpus(resources.num_cpus, num_clients, cores)
+    run_simulation(
+        server_app=make_server_app(study, run, on_round),
+        client_app=_client_app(),
+        num_supernodes=num_clients,
+        backend_config={
+            "client_resources": {"num_cpus": cpus, "num_gpus": resources.num_gpus},
+            # A local Ray counts the cores as fl-sim did (not the host's, in a container
+            # pinned to fewer), so the actors it fits are the wave `client_cpus` planned.
+            "init_args": {"include_dashboard": False, "log_to_driver": verbose,
+                          **(cluster or {"num_cpus": cores})},
+        },
+    )
 
 
 def client_cpus(requested: float | str, num_clients: int, cores: int | None) -> float:

@@ -33,18 +33,20 @@ def test_local_data_is_all_the_nodes_own_images(study_data):
     assert sum(sizes) == 210 and sizes[0] > sizes[1] > 0
 
 
-def test_train_reply_of_a_local_data_node(study_data, monkeypatch):
+@pytest.mark.parametrize("lr", [None, 0.0])
+def test_train_reply_of_a_local_data_node(study_data, monkeypatch, lr):
     monkeypatch.setattr(TaskIdentity, "_run_id", 1)
     monkeypatch.setattr(TaskIdentity, "_node_id", 0)
     monkeypatch.setattr(TaskIdentity, "_task_id", 1)
     run = RunConfig.model_validate({"model": {"name": "test_convnext"}, "optimizer": {"name": "adamw"}})
     model, _ = build_model(run, prepare_data(study_data, progress=False).class_names, 32)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    msg = Message(RecordDict({
-        "arrays": ArrayRecord(model.state_dict()),
-        "config": ConfigRecord({"data-config": study_data.model_dump_json(),
-                                "run-config": run.model_dump_json(), "server-round": 1}),
-    }), dst_node_id=0, message_type="train")
+    config = {"data-config": study_data.model_dump_json(), "run-config": run.model_dump_json(),
+              "server-round": 1}
+    if lr is not None:  # the round's learning rate from the server's schedule
+        config["lr"] = lr
+    msg = Message(RecordDict({"arrays": ArrayRecord(model.state_dict()),
+                              "config": ConfigRecord(config)}), dst_node_id=0, message_type="train")
     context = Context(run_id=1, node_id=0, node_config={"partition-id": 5, "local-data": True},
                       state=RecordDict(), run_config={})
     reply = train(msg, context)
@@ -53,5 +55,6 @@ def test_train_reply_of_a_local_data_node(study_data, monkeypatch):
     assert metrics["partition-id"] == 5
     assert metrics["num-examples"] == len(prepare_data(local, progress=False).indices(0, "train"))
     after = reply.content["arrays"].to_torch_state_dict()
-    assert any(not torch.equal(before[k], after[k]) for k in before)  # it trained
+    # It trained, unless the server's rate for the round was 0.
+    assert any(not torch.equal(before[k], after[k]) for k in before) == (lr is None)
     assert np.isfinite(metrics["train_loss"])

@@ -88,7 +88,7 @@ def train(model: ClipClassifier, kind: str, steps: int) -> list[float]:
     model.train()
     for step in range(steps):
         x, y = batches[step % len(batches)]
-        loss = clip_batch_loss(model, x, y, kind)
+        loss, _ = clip_batch_loss(model, x, y, kind)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

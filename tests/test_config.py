@@ -90,3 +90,27 @@ def test_unknown_strategy_params_are_named(tmp_path):
         build_strategy(study.defaults.strategy, num_clients=3)
     study.defaults.strategy.params = {"eta": 0.01}
     assert build_strategy(study.defaults.strategy, num_clients=3).eta == 0.01
+
+
+def test_baselines_and_recipes_are_grid_keys_named_in_the_run(tmp_path):
+    path = write(tmp_path, {"study": "s", "defaults": {"lr_schedule": {"name": "cosine"}},
+                            "grid": {"strategy": ["pooled", "local", "fedavg"],
+                                     "loss": ["ce", {"name": "focal", "gamma": 1}],
+                                     "sampler": ["shuffle", "balanced"]}})
+    names = [r.name for r in expand_grid(load_study(path))]
+    assert len(names) == len(set(names)) == 12
+    assert "pooled_convnext_t_sgd_cosine_s0" in names
+    assert "local_convnext_t_sgd_focal-g1_balanced_cosine_s0" in names
+
+
+@pytest.mark.parametrize("defaults, message", [
+    ({"loss": {"name": "ce", "gamma": 2}}, "gamma is a focal option, not one of 'ce'"),
+    ({"lr_schedule": {"name": "constant", "warmup_rounds": 2}},
+     "warmup_rounds is not an option of the 'constant' schedule"),
+    ({"strategy": {"name": "pooled", "params": {"eta": 0.1}}}, "'pooled' takes none"),
+    ({"training": "clip", "loss": {"name": "weighted_ce"}}, "the CLIP variant's loss is `clip.loss`"),
+    ({"sampler": "balance"}, "sampler: Input should be 'shuffle' or 'balanced'"),
+])
+def test_recipe_mistakes_are_named(tmp_path, defaults, message):
+    with pytest.raises(FlSimError, match=message.replace("(", r"\(").replace("`", ".")):
+        load_study(write(tmp_path, {"study": "s", "defaults": defaults}))

@@ -16,7 +16,7 @@ from flwr.clientapp import ClientApp
 from fl_sim.arrays import to_state_dict
 from fl_sim.client.train import train_local
 from fl_sim.config import DataConfig, GlobalTestConfig, PartitionConfig, RunConfig
-from fl_sim.evaluation import evaluate
+from fl_sim.evaluation import evaluate_splits
 from fl_sim.task import client_rng, load_data, load_model
 
 app = ClientApp()
@@ -86,6 +86,7 @@ def train(msg: Message, context: Context) -> Message:
         model, data.images, data.labels, indices, preprocess, run_cfg,
         rng=client_rng(run_cfg.seed, pid, server_round, stream=0),
         proximal_mu=float(config.get("proximal-mu", 0.0)),
+        lr=float(config["lr"]) if "lr" in config else None,
     )
     result["train_time_s"] = time.perf_counter() - start
     return _reply(msg, pid, len(indices), result, ArrayRecord(model.state_dict()))
@@ -96,9 +97,5 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate_global(msg: Message, context: Context) -> Message:
     """The global model on this client's val and test splits (keys `val_*`, `test_*`)."""
     _, run_cfg, data, model, preprocess, partition, pid = _setup(msg, context)
-    metrics = {}
-    for split in ("val", "test"):
-        result = evaluate(model, data.images, data.labels, data.indices(partition, split), preprocess,
-                          run_cfg.eval_batch_size, len(data.classes))
-        metrics.update({f"{split}_{k}": v for k, v in result.items()})
+    metrics = evaluate_splits(model, data, partition, preprocess, run_cfg.eval_batch_size)
     return _reply(msg, pid, int(metrics["val_n"]), metrics)

@@ -1,12 +1,15 @@
-"""Local training of one client: optimizers with the paper's defaults, epochs, FedProx."""
+"""Local training of one client: optimizers with the paper's defaults, epochs, FedProx, and
+the run's recipe (loss, sampler, the round's learning rate). Federated clients and the
+pooled and local baselines all train through `train_local`, so a recipe never differs
+between them by accident."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from fl_sim.client.recipe import epoch_order, make_loss
 from fl_sim.config import OptimizerConfig, RunConfig
 from fl_sim.evaluation import autocast
 from fl_sim.models.clip import clip_batch_loss
@@ -37,14 +40,19 @@ def optimizer_kwargs(cfg: OptimizerConfig) -> dict:
     return kwargs
 
 
-def make_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, cfg: OptimizerConfig,
+                   lr: float | None = None) -> torch.optim.Optimizer:
+    """`lr`, the round's learning rate from the schedule, replaces the configured one."""
     # CLIP's temperature takes no weight decay (decay would pull the logit scale toward 1).
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     groups = [{"params": [p for n, p in named if n != "logit_scale"]}]
     no_decay = [p for n, p in named if n == "logit_scale"]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
-    return _OPTIMIZERS[cfg.name](groups, **optimizer_kwargs(cfg))
+    kwargs = optimizer_kwargs(cfg)
+    if lr is not None:
+        kwargs["lr"] = lr
+    return _OPTIMIZERS[cfg.name](groups, **kwargs)
 
 
 def train_local(
@@ -56,15 +64,19 @@ def train_local(
     cfg: RunConfig,
     rng: np.random.Generator,
     proximal_mu: float = 0.0,
+    lr: float | None = None,
 ) -> dict[str, float]:
-    """`cfg.local_epochs` epochs of cross-entropy (+ FedProx term) from the current weights.
+    """`cfg.local_epochs` epochs of the run's loss (+ FedProx term) from the current weights,
+    at learning rate `lr` (the schedule's for this round; None: the optimizer's).
 
     A fresh optimizer each round, as in FedAvg: optimizer state is local and not federated.
-    Returns the mean training loss (without the proximal term) and the number of steps.
+    Returns the mean training loss (without the proximal term), the training accuracy of
+    the batches as they were trained on, and the number of steps.
     """
     device = preprocess.device
     model.train()
-    optimizer = make_optimizer(model, cfg.optimizer)
+    optimizer = make_optimizer(model, cfg.optimizer, lr)
+    criterion = make_loss(cfg.loss, labels[indices])
     global_params = (
         [p.detach().clone() for p in model.parameters() if p.requires_grad]
         if proximal_mu > 0 else None
@@ -72,9 +84,10 @@ def train_local(
     generator = torch.Generator().manual_seed(int(rng.integers(2**31)))
     # The loss is summed on the device: no per-step sync, so the host prepares the next batch
     # while the GPU computes.
-    total, seen, steps = torch.zeros((), device=device), 0, 0
+    total, correct = torch.zeros((), device=device), torch.zeros((), device=device)
+    seen, steps = 0, 0
     for _ in range(cfg.local_epochs):
-        order = rng.permutation(indices)
+        order = epoch_order(indices, labels, cfg.sampler, rng)
         for start in range(0, len(order), cfg.batch_size):
             # Sorted rows read the memmap sequentially; the batch's order does not matter.
             idx = np.sort(order[start:start + cfg.batch_size])
@@ -84,9 +97,10 @@ def train_local(
             y = torch.from_numpy(labels[idx]).to(device)
             with autocast(device):
                 if cfg.training == "clip":
-                    loss = clip_batch_loss(model, x, y, cfg.clip.loss)
+                    loss, logits = clip_batch_loss(model, x, y, cfg.clip.loss)
                 else:
-                    loss = F.cross_entropy(model(x).float(), y)
+                    logits = model(x).float()
+                    loss = criterion(logits, y)
             objective = loss
             if global_params is not None:
                 objective = loss + proximal_term(model, global_params, proximal_mu)
@@ -94,6 +108,8 @@ def train_local(
             objective.backward()
             optimizer.step()
             total += loss.detach() * len(idx)
+            correct += (logits.detach().argmax(1) == y).sum()
             seen += len(idx)
             steps += 1
-    return {"train_loss": total.item() / max(seen, 1), "steps": steps}
+    return {"train_loss": total.item() / max(seen, 1), "train_acc": correct.item() / max(seen, 1),
+            "steps": steps}

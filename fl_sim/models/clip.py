@@ -215,11 +215,13 @@ def class_ce_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def clip_batch_loss(model: ClipClassifier, x: torch.Tensor, y: torch.Tensor,
-                    kind: str) -> torch.Tensor:
-    """The training loss of one batch: `kind` is `clip.loss` of the run config."""
+                    kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training loss of one batch (`kind` is `clip.loss` of the run config) and the
+    batch's class logits (for the training accuracy)."""
     features = model.image_features(x)
+    logits = model.class_logits(features)
     if kind == "clip":
-        return clip_loss(features, y, model.text_features, model.scale())
+        return clip_loss(features, y, model.text_features, model.scale()), logits
     if kind == "class_ce":
-        return class_ce_loss(model.class_logits(features), y)
+        return class_ce_loss(logits, y), logits
     raise ValueError(f"unknown CLIP loss {kind!r}: use clip or class_ce")

@@ -25,11 +25,13 @@ from flwr.superlink.grid import InMemoryGrid
 from sklearn.metrics import confusion_matrix
 
 from fl_sim.arrays import to_state_dict
+from fl_sim.client.train import optimizer_kwargs
 from fl_sim.config import Run, RunConfig, StudyConfig, proximal_mu
 from fl_sim.errors import FlSimError
 from fl_sim.evaluation import predict
 from fl_sim.metrics import HEADLINE, classification_metrics
 from fl_sim.server.run_log import RunLog, json_line, read_metrics, write_json_atomic
+from fl_sim.server.schedule import LRSchedule
 from fl_sim.strategies import build_strategy
 from fl_sim.task import build_model, load_data
 
@@ -125,6 +127,22 @@ class RunState:
     bytes_sent: int = 0
     bytes_received: int = 0
     round_seconds: list[float] = field(default_factory=list)
+    schedule: dict[str, Any] = field(default_factory=dict)  # LRSchedule.state()
+    stopped: dict[str, Any] | None = None  # {"round", "reason"} of an early stop
+
+
+def train_row(metrics: Any, n: int) -> dict[str, Any]:
+    """A `train` row from train_local's result (a client's reply metrics, or the dict)."""
+    return {"n": n, "loss": float(metrics["train_loss"]), "acc": float(metrics["train_acc"]),
+            "steps": int(metrics["steps"]), "time_s": float(metrics["train_time_s"])}
+
+
+def mean_row(rows: list[dict[str, Any]], keys: list[str] | None = None) -> dict[str, Any]:
+    """The example-weighted mean (by `n`) of rows' metrics, and their total `n`."""
+    weights = np.array([r["n"] for r in rows], dtype=float)
+    keys = keys or [k for k in rows[0] if k != "n"]
+    mean = {k: float(np.average([r[k] for r in rows], weights=weights)) for k in keys}
+    return {**mean, "n": int(weights.sum())}
 
 
 def results_config(resolved: dict) -> dict:
@@ -136,6 +154,10 @@ def results_config(resolved: dict) -> dict:
 
 class FederatedRun:
     """One run of a study: strategy, global model, rounds, outputs in `run_dir`.
+
+    The baselines (fl_sim.server.baselines) are subclasses that train in this process
+    instead of through Flower: they override `_initial`, `_train`, `_evaluate_clients` and
+    (local) `_global_eval`, and share everything else (rows, checkpoints, resume, summary).
 
     After every round, `checkpoints/last.pt` holds the global weights, the pickled strategy
     (FedAdam's moments, FedAvgM's momentum, ...) and the RunState, written atomically; a run
@@ -185,8 +207,12 @@ class FederatedRun:
         (self.run_dir / "config.yaml").write_text(yaml.safe_dump(self.resolved, sort_keys=False))
         self.data.write_manifest(self.run_dir / "partition.csv")
         self._keep_rows_up_to(-1)
+        return *self._initial(), RunState()
+
+    def _initial(self) -> tuple[ArrayRecord, Any]:
+        """The initial weights (the run's seeded model) and the strategy."""
         strategy = build_strategy(self.cfg.strategy, self.data.num_clients, self.min_clients)
-        return ArrayRecord(self.model.state_dict()), strategy, RunState()
+        return ArrayRecord(self.model.state_dict()), strategy
 
     def _keep_rows_up_to(self, server_round: int) -> None:
         """Drop metric rows of a round that was cut off (it will be repeated)."""
@@ -237,11 +263,11 @@ class FederatedRun:
         state.bytes_received += sum(payload_bytes(m) for m in replies)
         return replies
 
-    def _log_clients(self, server_round: int, replies: list[Message], log: RunLog) -> dict:
-        """Per-client rows; returns the example-weighted mean of the clients' val metrics."""
+    def _log_clients(self, server_round: int, evaluations: list[dict], log: RunLog) -> dict:
+        """Per-client val/test rows from each client's `partition-id`, `val_*` and `test_*`
+        metrics; returns (and logs) the example-weighted mean of the clients' val metrics."""
         val_rows = []
-        for reply in replies:
-            metrics = dict(reply.content["metrics"])
+        for metrics in evaluations:
             client = int(metrics["partition-id"])
             for split in SPLITS:
                 prefix = f"{split}_"
@@ -250,42 +276,56 @@ class FederatedRun:
                 log.row(server_round, "client", client, split, row)
                 if split == "val":
                     val_rows.append(row)
-        weights = np.array([r["n"] for r in val_rows], dtype=float)
-        keys = [k for k in val_rows[0] if k != "n"]
-        federated = {k: float(np.average([r[k] for r in val_rows], weights=weights)) for k in keys}
-        federated["n"] = int(weights.sum())
+        federated = mean_row(val_rows)
         log.row(server_round, "federated", None, "val", federated)
         return federated
 
-    def _round(self, server_round: int, arrays: ArrayRecord, strategy: Any, grid: Grid,
-               log: RunLog, state: RunState) -> tuple[ArrayRecord, dict, dict]:
-        phase = PhaseTimer(log, server_round)
+    def _train(self, server_round: int, arrays: ArrayRecord, strategy: Any, grid: Grid,
+               state: RunState, phase: PhaseTimer) -> tuple[ArrayRecord, dict[int | None, dict]]:
+        """One round of training: the new weights and a train row per client (key None: a
+        row of all clients' data together, as the pooled baseline trains)."""
         wait_for_clients(grid, self.min_clients, self.cfg.round_timeout_s, server_round)
         messages = list(strategy.configure_train(server_round, arrays, self.config, grid))
         replies = self._exchange(messages, grid, "train", server_round, state)
         phase("train")
-        for reply in replies:
-            m = reply.content["metrics"]
-            log.row(server_round, "client", int(m["partition-id"]), "train",
-                    {"n": int(m["num-examples"]), "loss": float(m["train_loss"]),
-                     "steps": int(m["steps"]), "time_s": float(m["train_time_s"])})
+        rows = {int(m["partition-id"]): train_row(m, int(m["num-examples"]))
+                for m in (reply.content["metrics"] for reply in replies)}
         arrays, _ = strategy.aggregate_train(server_round, replies)
         if arrays is None:
             raise FlSimError(f"round {server_round}: {self.cfg.strategy.name} aggregated nothing.")
         phase("aggregate")
+        return arrays, rows
 
+    def _evaluate_clients(self, server_round: int, arrays: ArrayRecord, strategy: Any,
+                          grid: Grid, state: RunState) -> list[dict]:
+        """Every client's `val_*` / `test_*` metrics of the round's model(s)."""
         wait_for_clients(grid, self.min_clients, self.cfg.round_timeout_s, server_round)
         messages = list(strategy.configure_evaluate(server_round, arrays, self.config, grid))
         replies = self._exchange(messages, grid, "evaluate", server_round, state)
-        federated_val = self._log_clients(server_round, replies, log)
+        return [dict(reply.content["metrics"]) for reply in replies]
+
+    def _round(self, server_round: int, arrays: ArrayRecord, strategy: Any, grid: Grid,
+               log: RunLog, state: RunState, lr: float) -> tuple[ArrayRecord, dict, dict, dict]:
+        phase = PhaseTimer(log, server_round)
+        self.config["lr"] = lr  # the clients train this round at the schedule's rate
+        log.scalar("train/lr", lr, server_round)
+        arrays, rows = self._train(server_round, arrays, strategy, grid, state, phase)
+        for client, row in rows.items():
+            if client is not None:
+                log.row(server_round, "client", client, "train", row)
+        federated_train = {**mean_row(list(rows.values()), ["loss", "acc"]), "lr": lr}
+        log.row(server_round, "federated", None, "train", federated_train)
+
+        evaluations = self._evaluate_clients(server_round, arrays, strategy, grid, state)
+        federated_val = self._log_clients(server_round, evaluations, log)
         phase("client_eval")
         global_test = self._global_eval(server_round, arrays, log)
         phase("global_eval")
-        return arrays, federated_val, global_test
+        return arrays, federated_train, federated_val, global_test
 
     # ------------------------------------------------------------------ the loop
 
-    def execute(self, grid: Grid) -> dict:
+    def execute(self, grid: Grid | None = None) -> dict:
         if isinstance(grid, InMemoryGrid):
             # Simulation polls its in-memory state for replies every 0.1 s by default: a
             # wasted 50 ms per exchange on average, two exchanges a round. Polling is cheap.
@@ -293,14 +333,22 @@ class FederatedRun:
         arrays, strategy, state = self._start_or_resume()
         log = RunLog(self.run_dir, purge_step=state.round + 1 if state.round else None)
         metric = self.cfg.selection_metric
+        schedule = LRSchedule(self.cfg.lr_schedule, optimizer_kwargs(self.cfg.optimizer)["lr"],
+                              self.cfg.rounds, state.schedule)
         try:
             if state.round == 0:
                 self._global_eval(0, arrays, log)
             for server_round in range(state.round + 1, self.cfg.rounds + 1):
+                if state.stopped:  # early stop (also when resuming a run that stopped)
+                    break
                 t0 = time.perf_counter()
                 sent, received = state.bytes_sent, state.bytes_received
-                arrays, federated_val, global_test = self._round(
-                    server_round, arrays, strategy, grid, log, state)
+                arrays, federated_train, federated_val, global_test = self._round(
+                    server_round, arrays, strategy, grid, log, state, schedule.lr(server_round))
+                stop = schedule.after_round(federated_train["acc"], federated_val["loss"])
+                state.schedule = schedule.state()
+                if stop:
+                    state.stopped = {"round": server_round, "reason": stop}
                 score = -federated_val[metric] if metric == "loss" else federated_val[metric]
                 record = {"round": server_round, "federated_val": federated_val,
                           "global_test": global_test}
@@ -336,6 +384,7 @@ class FederatedRun:
             "rounds": self.cfg.rounds,
             "rounds_done": state.round,
             "selection": f"federated val {self.cfg.selection_metric} (mean of clients, by n)",
+            "stopped": state.stopped,
             "best": state.best,
             "final": state.final,
             "wall_time_s": sum(state.round_seconds),

@@ -16,14 +16,9 @@ from flwr.app import Context, UserConfig
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from fl_sim.config import Run, StudyConfig, expand_grid, load_study
+from fl_sim.config import BASELINES, Run, StudyConfig, expand_grid, load_study
 from fl_sim.errors import FlSimError
 from fl_sim.server.loop import FederatedRun, RoundReport
-
-
-def run_dir_of(study: StudyConfig, run: Run) -> Path:
-    """`<out>/<study>/<run-name>/`, the run-directory contract of DESIGN.md."""
-    return Path(study.out) / study.study / run.name
 
 
 def make_server_app(study: StudyConfig, run: Run,
@@ -32,7 +27,7 @@ def make_server_app(study: StudyConfig, run: Run,
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        FederatedRun(study, run, run_dir_of(study, run), on_round=on_round).execute(grid)
+        FederatedRun(study, run, run.dir(study), on_round=on_round).execute(grid)
 
     return app
 
@@ -71,6 +66,9 @@ def main(grid: Grid, context: Context) -> None:
     if not matching:
         raise FlSimError(f"run {name!r} is not in {cfg['study-config']}; its runs: "
                          + ", ".join(r.name for r in runs))
-    run_dir = run_dir_of(study, matching[0])
+    if matching[0].config.strategy.name in BASELINES:
+        raise FlSimError(f"run {name!r} is a {matching[0].config.strategy.name} baseline: it "
+                         "trains on one machine without Flower; run it with `fl-sim run`.")
+    run_dir = matching[0].dir(study)
     log(INFO, "fl-sim: run %s -> %s", name, run_dir.resolve())
     FederatedRun(study, matching[0], run_dir, on_round=_log_round).execute(grid)

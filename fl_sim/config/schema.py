@@ -1,4 +1,4 @@
-"""The experiments.yaml schema: validated with pydantic, expanded into one config per run.
+"""The experiments.yaml schema, validated with pydantic.
 
 A study file has four top-level keys:
 
@@ -13,14 +13,10 @@ Unknown keys are rejected with their path named; numbers are range-checked.
 
 from __future__ import annotations
 
-import itertools
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-
-from fl_sim.errors import FlSimError
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class Strict(BaseModel):
@@ -123,6 +119,9 @@ class ModelConfig(Strict):
     normalize: Literal["model", "imagenet", "none"] = Field(
         "model", description="model: mean/std from the model's pretrained config"
     )
+    strict: bool = Field(
+        True, description="a local weights file must fit every tensor but the classifier head"
+    )
     kwargs: dict[str, Any] = Field({}, description="passed to timm.create_model (drop_path_rate, ...)")
 
 
@@ -147,8 +146,8 @@ class OptimizerConfig(Strict):
 class StrategyConfig(Strict):
     name: Literal[
         "fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedavgm",
-        "fedmedian", "fedtrimmedavg", "krum",
-    ] = "fedavg"
+        "fedmedian", "fedtrimmedavg", "krum", "pooled", "local",
+    ] = Field("fedavg", description="pooled / local: the baselines, trained without Flower")
     weighting: Literal["examples", "uniform"] = Field(
         "examples", description="examples: weight by num-examples; uniform: the paper's eq. (3)"
     )
@@ -161,6 +160,55 @@ class StrategyConfig(Strict):
     def _mu_only_for_fedprox(self) -> StrategyConfig:
         if self.proximal_mu is not None and self.name != "fedprox":
             raise ValueError(f"proximal_mu is a fedprox parameter, not one of {self.name!r}")
+        if self.params and self.name in BASELINES:
+            raise ValueError(f"params are Flower strategy arguments; {self.name!r} takes none")
+        return self
+
+
+BASELINES = ("pooled", "local")  # strategy names trained in one process, without Flower
+
+
+class LossConfig(Strict):
+    """The training loss; class weights come from the client's own train split only."""
+
+    name: Literal["ce", "weighted_ce", "focal"] = Field(
+        "ce", description="weighted_ce: weights n / (classes present x n_class); focal: (1-p)^gamma CE")
+    gamma: float | None = Field(None, ge=0, description="focal only (default 2)")
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _gamma_only_for_focal(self) -> LossConfig:
+        if self.gamma is not None and self.name != "focal":
+            raise ValueError(f"gamma is a focal option, not one of {self.name!r}")
+        return self
+
+
+class LRScheduleConfig(Strict):
+    """The learning rate per server round, sent to the clients with each round's message.
+
+    plateau is Algorithm 1 of "Leveraging Modern Vision Model Architectures and Transfer
+    Learning for Medical Image Analysis": watch the train accuracy until it passes
+    `threshold`, then the validation loss; after `patience` rounds without improvement
+    multiply the learning rate by `factor`; at the next plateau after `max_reductions`
+    reductions stop the run (the best round is kept).
+    """
+
+    name: Literal["constant", "cosine", "plateau"] = "constant"
+    warmup_rounds: int | None = Field(None, ge=0, description="cosine: linear warm-up (default 0)")
+    min_factor: float | None = Field(
+        None, ge=0, le=1, description="cosine: the last round's lr as a fraction of the base (default 0)")
+    threshold: float | None = Field(None, gt=0, le=1, description="plateau: T (default 0.9)")
+    patience: int | None = Field(None, ge=1, description="plateau: p (default 2)")
+    factor: float | None = Field(None, gt=0, lt=1, description="plateau: phi (default 0.5)")
+    max_reductions: int | None = Field(None, ge=0, description="plateau: P (default 2)")
+
+    @model_validator(mode="after")
+    def _options_fit_the_schedule(self) -> LRScheduleConfig:
+        own = {"constant": set(), "cosine": {"warmup_rounds", "min_factor"},
+               "plateau": {"threshold", "patience", "factor", "max_reductions"}}[self.name]
+        for key in set(type(self).model_fields) - {"name"} - own:
+            if getattr(self, key) is not None:
+                raise ValueError(f"{key} is not an option of the {self.name!r} schedule")
         return self
 
 
@@ -205,6 +253,10 @@ class RunConfig(Strict):
     training: Literal["supervised", "clip"] = "supervised"
     clip: ClipConfig = ClipConfig()
     augment: bool = Field(True, description="random flips and 90-degree rotations of training batches")
+    loss: LossConfig = LossConfig()
+    sampler: Literal["shuffle", "balanced"] = Field(
+        "shuffle", description="balanced: draw each epoch's images with probability 1/class count")
+    lr_schedule: LRScheduleConfig = LRScheduleConfig()
     selection_metric: Literal["acc", "bacc", "precision", "recall", "f1", "avg", "loss"] = Field(
         "avg", description="validation metric that picks the best round (never test)"
     )
@@ -216,6 +268,13 @@ class RunConfig(Strict):
         3600, gt=0, description="longest wait for replies, or for enough clients to connect"
     )
     seed: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _loss_is_supervised(self) -> RunConfig:
+        if self.training == "clip" and self.loss != LossConfig():
+            raise ValueError("`loss` is the supervised head's; the CLIP variant's loss is "
+                             "`clip.loss` (clip or class_ce)")
+        return self
 
 
 class StudyConfig(Strict):
@@ -251,117 +310,6 @@ class Run(BaseModel):
     name: str
     config: RunConfig
 
-
-# ----------------------------------------------------------------------------- loading
-
-
-def load_study(
-    path: str | Path, *, data_root: str | Path | None = None, out: str | Path | None = None
-) -> StudyConfig:
-    """Read and validate a study file; CLI overrides win over the file."""
-    path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise FlSimError(f"config file {path} not found: check the path.") from None
-    except yaml.YAMLError as err:
-        raise FlSimError(f"{path} is not valid YAML: {err}") from None
-    if not isinstance(raw, dict):
-        raise FlSimError(f"{path} must hold a mapping with keys study, data, defaults, grid.")
-    if data_root is not None:
-        raw.setdefault("data", {})["root"] = str(data_root)
-    if out is not None:
-        raw["out"] = str(out)
-    try:
-        study = StudyConfig.model_validate(raw)
-        expand_grid(study)  # every grid value must make a valid run
-        _make_paths_absolute(study)
-    except ValidationError as err:
-        raise FlSimError(f"{path} is not a valid study:\n{format_validation_error(err)}") from None
-    return study
-
-
-def _make_paths_absolute(study: StudyConfig) -> None:
-    """Client processes (Ray workers) may start in another working directory."""
-    data = study.data
-    for owner, key in ((data, "root"), (data, "cache_dir"), (data.global_test, "root"),
-                       (study, "out")):
-        value = getattr(owner, key)
-        if value is not None:
-            setattr(owner, key, Path(value).expanduser().absolute())
-
-
-def format_validation_error(err: ValidationError) -> str:
-    """One line per problem, each with its dotted key path."""
-    lines = []
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"])
-        msg = "unknown key (check its spelling)" if e["type"] == "extra_forbidden" else e["msg"]
-        value = "" if e["type"] == "extra_forbidden" else f" (got {e.get('input')!r})"
-        lines.append(f"  - {loc or '<top>'}: {msg}{value}")
-    return "\n".join(lines)
-
-
-# What a scalar alternative of a sub-config sets (`model: [convnext_t, swin_t]`).
-SCALAR_KEY = {"clip": "text_model", "resources": "num_cpus"}
-
-
-def expand_grid(study: StudyConfig) -> list[Run]:
-    """The product of each grid's alternatives over the defaults, with readable names."""
-    base = study.defaults.model_dump()
-    runs = []
-    for grid in study.grids:
-        keys = list(grid)
-        for combo in itertools.product(*(grid[k] for k in keys)):
-            runs.append(_expand_one(base, keys, combo))
-    names = [r.name for r in runs]
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        raise FlSimError(f"the grid gives several runs the same name: {', '.join(dupes)}")
-    return runs
-
-
-def _expand_one(base: dict[str, Any], keys: list[str], combo: tuple) -> Run:
-    raw = dict(base)
-    for key, value in zip(keys, combo):
-        # A sub-config (model, optimizer, strategy, ...) is updated, not replaced: a scalar
-        # alternative sets its name (see SCALAR_KEY), a mapping sets the keys it names.
-        if isinstance(base[key], dict):
-            update = value if isinstance(value, dict) else {SCALAR_KEY.get(key, "name"): value}
-            raw[key] = {**base[key], **update}
-        else:
-            raw[key] = value
-    try:
-        config = RunConfig.model_validate(raw)
-    except ValidationError as err:
-        raise ValidationError.from_exception_data(
-            "grid", [{**e, "loc": ("grid", *e["loc"])} for e in err.errors()]
-        ) from None
-    extras = [f"{k}{v:g}" if isinstance(v, float) else f"{k}{v}" for k, v in zip(keys, combo)
-              if k not in NAMED_KEYS and not isinstance(v, (dict, list))]
-    return Run(name="_".join([run_name(config), *extras]), config=config)
-
-
-NAMED_KEYS = {"strategy", "model", "optimizer", "training", "clip", "seed"}  # in run_name
-
-
-def run_name(cfg: RunConfig) -> str:
-    """Stable, readable, e.g. `fedprox-mu0.01_convnext_t_sgd_s0`."""
-    strategy = cfg.strategy.name
-    if cfg.strategy.name == "fedprox":
-        strategy += f"-mu{proximal_mu(cfg.strategy):g}"
-    if cfg.strategy.weighting == "uniform":
-        strategy += "-uniform"
-    model = cfg.model.name.replace("/", "-")
-    optimizer = cfg.optimizer.name
-    if cfg.optimizer.lr is not None:
-        optimizer += f"-lr{cfg.optimizer.lr:g}"
-    parts = [strategy, model, optimizer]
-    if cfg.training == "clip":
-        tower = cfg.clip.text_model.rstrip("/").rsplit("/", 1)[-1].replace(":", "-")
-        parts.append(f"clip-{tower}" + ("" if cfg.clip.loss == "clip" else f"-{cfg.clip.loss}"))
-    return "_".join(parts) + f"_s{cfg.seed}"
-
-
-def proximal_mu(strategy: StrategyConfig) -> float:
-    return 0.01 if strategy.proximal_mu is None else strategy.proximal_mu
+    def dir(self, study: StudyConfig) -> Path:
+        """`<out>/<study>/<run-name>/`, the run-directory contract of DESIGN.md."""
+        return Path(study.out) / study.study / self.name

@@ -1,0 +1,17 @@
+"""The study file: its schema (schema.py), its loading and grid expansion (study.py), and
+the names and labels of its runs (naming.py)."""
+
+from fl_sim.config.naming import proximal_mu, run_labels, run_name
+from fl_sim.config.schema import (
+    BASELINES, ClipConfig, DataConfig, GlobalTestConfig, LossConfig, LRScheduleConfig,
+    ModelConfig, OptimizerConfig, PartitionConfig, ResourcesConfig, Run, RunConfig,
+    StrategyConfig, StudyConfig,
+)
+from fl_sim.config.study import expand_grid, format_validation_error, load_study
+
+__all__ = [
+    "BASELINES", "ClipConfig", "DataConfig", "GlobalTestConfig", "LossConfig", "LRScheduleConfig",
+    "ModelConfig", "OptimizerConfig", "PartitionConfig", "ResourcesConfig", "Run", "RunConfig",
+    "StrategyConfig", "StudyConfig", "expand_grid", "format_validation_error", "load_study",
+    "proximal_mu", "run_labels", "run_name",
+]

@@ -1,0 +1,133 @@
+"""The baselines a federated result is read against, as runs of the grid:
+
+- `pooled`: one model trained on the union of all clients' train splits (what no hospital
+  may do), `local_epochs` epochs per round;
+- `local`: every client trains its own model on its own train split only.
+
+Both train in this process with the same `train_local` and recipe as a federated client
+(no Flower, no Ray), and write the same run directory: per-client val/test rows, the
+federated val row that picks the best round, global test rows, checkpoints and resume.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord
+from torch import nn
+
+from fl_sim.arrays import to_state_dict
+from fl_sim.client.train import train_local
+from fl_sim.evaluation import evaluate_splits
+from fl_sim.server.loop import FederatedRun, PhaseTimer, RunState, train_row
+from fl_sim.server.run_log import RunLog
+from fl_sim.task import client_rng
+
+
+class BaselineRun(FederatedRun):
+    """What both baselines share: training a model on some rows, evaluating every client."""
+
+    def _initial(self) -> tuple[ArrayRecord, Any]:
+        return ArrayRecord(self.model.state_dict()), None  # no strategy
+
+    def _train_on(self, indices: np.ndarray, rng_client: int, server_round: int) -> dict:
+        """train_local on `indices` with the round's learning rate; its train row."""
+        start = time.perf_counter()
+        result = train_local(self.model, self.data.images, self.data.labels, indices,
+                             self.preprocess, self.cfg,
+                             rng=client_rng(self.cfg.seed, rng_client, server_round, stream=0),
+                             lr=float(self.config["lr"]))
+        result["train_time_s"] = time.perf_counter() - start
+        return train_row(result, len(indices))
+
+    def _metrics_of(self, client: int) -> dict:
+        """The loaded model on `client`'s val and test splits, as a client would report them."""
+        return {"partition-id": client, **evaluate_splits(
+            self.model, self.data, client, self.preprocess, self.cfg.eval_batch_size)}
+
+    @property
+    def clients(self) -> range:
+        return range(self.data.num_clients)
+
+
+class PooledRun(BaselineRun):
+    def _train(self, server_round: int, arrays: ArrayRecord, strategy: Any, grid: Any,
+               state: RunState, phase: PhaseTimer) -> tuple[ArrayRecord, dict]:
+        self.model.load_state_dict(to_state_dict(arrays), strict=True)
+        rows = np.concatenate([self.data.indices(c, "train") for c in self.clients])
+        row = self._train_on(rows, 0, server_round)
+        phase("train")
+        return ArrayRecord(self.model.state_dict()), {None: row}
+
+    def _evaluate_clients(self, server_round: int, arrays: ArrayRecord, strategy: Any,
+                          grid: Any, state: RunState) -> list[dict]:
+        self.model.load_state_dict(to_state_dict(arrays), strict=True)
+        return [self._metrics_of(c) for c in self.clients]
+
+
+def client_prefix(client: int) -> str:
+    return f"client{client}/"
+
+
+def pack_clients(states: list[dict[str, torch.Tensor]]) -> ArrayRecord:
+    """Every client's own weights in one record (one checkpoint), keys `client<k>/<name>`."""
+    return ArrayRecord(OrderedDict((client_prefix(k) + name, t)
+                                   for k, state in enumerate(states) for name, t in state.items()))
+
+
+def client_state(arrays: ArrayRecord, client: int) -> OrderedDict[str, torch.Tensor]:
+    prefix = client_prefix(client)
+    return OrderedDict((k[len(prefix):], v) for k, v in to_state_dict(arrays).items()
+                       if k.startswith(prefix))
+
+
+class LocalRun(BaselineRun):
+    """Each client alone. The `global` test row is the mean over the clients' models (each
+    client's own model on the global test set is a `client` row of split `global_test`)."""
+
+    def _initial(self) -> tuple[ArrayRecord, Any]:
+        # Every client starts from the same seeded model, as in a federated run.
+        return pack_clients([self.model.state_dict()] * self.data.num_clients), None
+
+    def _load(self, arrays: ArrayRecord, client: int) -> nn.Module:
+        self.model.load_state_dict(client_state(arrays, client), strict=True)
+        return self.model
+
+    def _train(self, server_round: int, arrays: ArrayRecord, strategy: Any, grid: Any,
+               state: RunState, phase: PhaseTimer) -> tuple[ArrayRecord, dict]:
+        rows, states = {}, []
+        for c in self.clients:
+            self._load(arrays, c)
+            rows[c] = self._train_on(self.data.indices(c, "train"), c, server_round)
+            states.append({k: v.detach().clone() for k, v in self.model.state_dict().items()})
+        phase("train")
+        return pack_clients(states), rows
+
+    def _evaluate_clients(self, server_round: int, arrays: ArrayRecord, strategy: Any,
+                          grid: Any, state: RunState) -> list[dict]:
+        evaluations = []
+        for c in self.clients:
+            self._load(arrays, c)
+            evaluations.append(self._metrics_of(c))
+        return evaluations
+
+    def _global_eval(self, server_round: int, arrays: ArrayRecord, log: RunLog) -> dict:
+        rows = []
+        for c in self.clients:
+            self._load(arrays, c)
+            metrics = evaluate_splits(self.model, self.data, "global", self.preprocess,
+                                      self.cfg.eval_batch_size, splits=("test",))
+            rows.append({k.removeprefix("test_"): v for k, v in metrics.items()})
+            log.row(server_round, "client", c, "global_test", rows[-1])
+        # The same test set for every model: an unweighted mean over the clients.
+        mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k != "n"}
+        mean["n"] = rows[0]["n"]
+        log.row(server_round, "global", None, "test", mean)
+        return mean
+
+
+BASELINE_RUNS: dict[str, type[BaselineRun]] = {"pooled": PooledRun, "local": LocalRun}

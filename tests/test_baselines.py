@@ -1,0 +1,126 @@
+"""The pooled and local baselines: runs of the grid trained in this process, with the rows,
+checkpoints, resume and schedule of a federated run."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord
+from rich.console import Console
+
+from fl_sim.client.train import train_local
+from fl_sim.config import StudyConfig, expand_grid
+from fl_sim.server.baselines import BASELINE_RUNS, client_state
+from fl_sim.simulation import run_study
+from fl_sim.task import build_model, client_rng, load_data
+
+
+def make_study(tmp_path, **defaults) -> StudyConfig:
+    return StudyConfig.model_validate({
+        "study": "baselines", "out": str(tmp_path / "runs"),
+        "data": {"dataset": "synthetic", "image_size": 32, "synthetic": {"num_images": 280},
+                 "cache_dir": str(tmp_path / "cache"), "partition": {"num_clients": 3}},
+        "defaults": {"rounds": 2, "model": {"name": "test_convnext"}, "augment": False,
+                     "optimizer": {"name": "adamw"}, **defaults},
+    })
+
+
+def rows_of(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def last_weights(run_dir):
+    return torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)["state_dict"]
+
+
+def run_one(study):
+    [run] = expand_grid(study)
+    return run, run_study(study, [run], console=Console(quiet=True))[0]
+
+
+def test_pooled_trains_on_every_clients_train_split_and_writes_federated_rows(tmp_path):
+    study = make_study(tmp_path, strategy={"name": "pooled"})
+    run, run_dir = run_one(study)
+    data = load_data(study.data.model_dump_json())
+    rows = rows_of(run_dir)
+    train = [r for r in rows if r["split"] == "train"]
+    assert [(r["round"], r["scope"]) for r in train] == [(1, "federated"), (2, "federated")]
+    assert train[0]["n"] == sum(len(data.indices(c, "train")) for c in range(3))
+    for rnd in (1, 2):
+        clients = {(r["client"], r["split"]) for r in rows if r["round"] == rnd and r["scope"] == "client"}
+        assert clients == {(c, s) for c in range(3) for s in ("val", "test")}
+        assert any(r["round"] == rnd and r["scope"] == "federated" and r["split"] == "val" for r in rows)
+    assert [r["round"] for r in rows if r["scope"] == "global"] == [0, 1, 2]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["complete"] and summary["rounds_done"] == 2 and summary["stopped"] is None
+    assert (run_dir / "checkpoints" / "best.pt").exists()
+
+
+def test_local_clients_train_alone_and_the_global_row_is_the_mean_of_their_models(tmp_path):
+    study = make_study(tmp_path, strategy={"name": "local"}, rounds=1)
+    run, run_dir = run_one(study)
+    rows = rows_of(run_dir)
+    own = [r for r in rows if r["round"] == 1 and r["split"] == "global_test"]
+    assert [r["client"] for r in own] == [0, 1, 2]
+    [mean] = [r for r in rows if r["round"] == 1 and r["scope"] == "global"]
+    for key in ("acc", "bacc", "f1", "loss"):
+        assert mean[key] == pytest.approx(np.mean([r[key] for r in own]))
+    # Client 0's model is exactly what training on client 0's train split alone gives.
+    data = load_data(study.data.model_dump_json())
+    model, pre = build_model(run.config, data.class_names, 32)
+    train_local(model, data.images, data.labels, data.indices(0, "train"), pre, run.config,
+                rng=client_rng(0, 0, 1, stream=0), lr=1e-3)
+    saved = ArrayRecord(last_weights(run_dir))
+    client0 = client_state(saved, 0)
+    for k, v in model.state_dict().items():
+        assert torch.equal(client0[k], v), k
+    assert not torch.equal(client_state(saved, 1)["head.fc.weight"],
+                           client0["head.fc.weight"])
+
+
+@pytest.mark.parametrize("strategy", ["pooled", "local"])
+def test_an_interrupted_baseline_resumes_to_the_same_final_metrics(tmp_path, strategy):
+    whole = make_study(tmp_path / "whole", strategy={"name": strategy}, rounds=3)
+    _, whole_dir = run_one(whole)
+    cut = make_study(tmp_path / "cut", strategy={"name": strategy}, rounds=3)
+    [run] = expand_grid(cut)
+
+    def crash(report):
+        if report.server_round == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        BASELINE_RUNS[strategy](cut, run, run.dir(cut), on_round=crash).execute()
+    _, cut_dir = run_one(cut)
+    final = [[{k: v for k, v in r.items() if k != "time_s"} for r in rows_of(d) if r["round"] == 3]
+             for d in (whole_dir, cut_dir)]
+    assert final[0] == final[1] and len(final[0]) > 3
+
+
+def test_cosine_sends_each_round_its_rate_and_changes_training(tmp_path):
+    constant = make_study(tmp_path / "c", strategy={"name": "pooled"}, rounds=3)
+    cosine = make_study(tmp_path / "s", strategy={"name": "pooled"}, rounds=3,
+                        lr_schedule={"name": "cosine"})
+    dirs = [run_one(s)[1] for s in (constant, cosine)]
+    lrs = [[r["lr"] for r in rows_of(d) if r["split"] == "train"] for d in dirs]
+    assert lrs[0] == [1e-3] * 3
+    assert lrs[1] == pytest.approx([1e-3, 1e-3 * 0.75, 1e-3 * 0.25])
+    weights = [last_weights(d) for d in dirs]
+    assert not torch.equal(weights[0]["head.fc.weight"], weights[1]["head.fc.weight"])
+
+
+def test_plateau_stops_a_run_that_no_longer_learns(tmp_path):
+    # lr 1e-30 leaves every weight as it is: train accuracy never improves after round 1.
+    study = make_study(tmp_path, strategy={"name": "pooled"}, rounds=6,
+                       optimizer={"name": "sgd", "lr": 1e-30},
+                       lr_schedule={"name": "plateau", "patience": 1, "max_reductions": 1})
+    run, run_dir = run_one(study)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["complete"] and summary["rounds_done"] == 3
+    assert summary["stopped"]["round"] == 3
+    assert "train accuracy did not improve for 1 rounds after 1 learning-rate reductions" in \
+        summary["stopped"]["reason"]
+    assert [r["lr"] for r in rows_of(run_dir) if r["split"] == "train"] == [1e-30, 1e-30, 5e-31]
+    run_study(study, [run], console=Console(quiet=True))  # complete: not resumed
+    assert json.loads((run_dir / "summary.json").read_text()) == summary
