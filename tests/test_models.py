@@ -1,5 +1,7 @@
 """The backbone registry over timm."""
 
+import pickle
+
 import pytest
 import timm
 import torch
@@ -26,12 +28,18 @@ def test_head_has_the_dataset_classes_and_local_weights_load(tmp_path):
     cfg = ModelConfig(name="test_convnext")
     model = create_model(cfg, num_classes=7, image_size=32)
     assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 7)
-    # a local weights file with a different head: the backbone loads, the head stays fresh
+    # a donor with another head loads strictly (the head is not counted), as a plain state
+    # dict or inside a checkpoint like fl-sim's last.pt; the head stays fresh
     donor = create_model(cfg, num_classes=3, image_size=32)
     torch.save(donor.state_dict(), tmp_path / "w.pt")
-    loaded = create_model(ModelConfig(name="test_convnext", pretrained=tmp_path / "w.pt"), 7, 32)
-    stem = next(k for k in donor.state_dict() if k.startswith("stem"))
-    assert torch.equal(loaded.state_dict()[stem], donor.state_dict()[stem])
+    torch.save({"round": 3, "strategy": pickle.dumps({"m": 1}), "state_dict": donor.state_dict()},
+               tmp_path / "last.pt")
+    for path in (tmp_path / "w.pt", tmp_path / "last.pt"):
+        loaded = create_model(ModelConfig(name="test_convnext", pretrained=path, strict=True),
+                              7, 32)
+        assert all(torch.equal(loaded.state_dict()[k], v) for k, v in donor.state_dict().items()
+                   if not k.startswith("head.fc."))
+        assert loaded.state_dict()["head.fc.weight"].shape == (7, donor.num_features)
     with pytest.raises(FlSimError, match="not found"):
         create_model(ModelConfig(name="test_convnext", pretrained=tmp_path / "nope.pt"), 7, 32)
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import timm
-import torch
 from torch import nn
 
 from fl_sim.config import ModelConfig
 from fl_sim.errors import FlSimError
+from fl_sim.models.weights import EMBEDDED, hub_overlay, load_weights, read_weights_file
 
 # The paper's backbones (torchvision-style names) and their timm equivalents.
 PAPER_BACKBONES: dict[str, str] = {
@@ -43,37 +43,29 @@ def timm_name(name: str) -> str:
 
 
 def create_model(cfg: ModelConfig, num_classes: int, image_size: int) -> nn.Module:
-    """A timm backbone with a fresh head for `num_classes`, weights as `cfg.pretrained` says."""
+    """A timm backbone with a fresh head for `num_classes`, weights as `cfg.pretrained` says:
+    true: the embedded weights (EMBEDDED) if any, else timm's from the Hugging Face hub (or
+    its cache); a path: a local weights file; false: random init."""
     name = timm_name(cfg.name)
     kwargs = dict(cfg.kwargs)
     if _takes_img_size(name):
         kwargs.setdefault("img_size", cfg.input_size or image_size)
     weights = cfg.pretrained
+    from_hub = weights is True and name not in EMBEDDED
+    overlay = hub_overlay(name, cfg.name) if from_hub else {}
     try:
-        model = timm.create_model(
-            name, pretrained=weights is True, num_classes=num_classes, **kwargs
-        )
-    except Exception as err:  # hub unreachable, bad kwarg: both need the user's action
+        model = timm.create_model(name, pretrained=from_hub, num_classes=num_classes,
+                                  pretrained_cfg_overlay=overlay or None, **kwargs)
+    except Exception as err:  # a failed download, a bad kwarg: both need the user's action
         raise FlSimError(
             f"could not build model {cfg.name!r} (timm {name!r}, pretrained={weights}): {err}. "
             "Without network, set `pretrained: false` or point it to a local weights file."
         ) from None
-    if isinstance(weights, Path):
-        load_local_weights(model, weights)
+    if weights is True and not from_hub:
+        load_weights(model, EMBEDDED[name](), f"the embedded {name} weights", cfg.strict)
+    elif isinstance(weights, Path):
+        load_weights(model, read_weights_file(weights), f"weights file {weights}", cfg.strict)
     return model
-
-
-def load_local_weights(model: nn.Module, path: Path) -> None:
-    """Load a state dict (or a checkpoint holding one); the classifier head may differ."""
-    if not path.is_file():
-        raise FlSimError(f"model weights file {path} not found: fix `model.pretrained`.")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    state = state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state
-    own = model.state_dict()
-    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    if not usable:
-        raise FlSimError(f"{path} holds no weight that fits model {type(model).__name__}.")
-    model.load_state_dict(usable, strict=False)
 
 
 def normalization(cfg: ModelConfig) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
