@@ -1,4 +1,5 @@
-"""`fl-sim report` on fake but consistent run directories: files, numbers, winners, skips."""
+"""`fl-sim report` on fake but consistent run directories: files, numbers, winners, skips,
+the federated strategies against the pooled and local baselines."""
 
 from __future__ import annotations
 
@@ -13,46 +14,58 @@ import yaml
 from fl_sim.config import RunConfig, run_name
 from fl_sim.errors import FlSimError
 from fl_sim.report import load_study, seed_table, write_report
-from fl_sim.report.markdown import winner_line
-from fl_sim.report.tables import winners
+from fl_sim.report.markdown import baselines_section, winner_line
+from fl_sim.report.tables import METRIC_NAMES, versus_pooled, winners
 
 HEADLINE = ("acc", "bacc", "precision", "recall", "f1")
+METRICS = (*HEADLINE, "avg")
 STRATEGIES = ({"name": "fedavg"}, {"name": "fedprox", "proximal_mu": 0.01})
+BASELINES = ({"name": "pooled"}, {"name": "local"})
+STRATEGY_EFFECT = {"fedprox": 0.1, "pooled": 0.15, "local": -0.1}  # above fedavg
 CLIENTS, ROUNDS = 3, 3
 
 
 def write_run(study: Path, strategy: dict, model: str, seed: int, seed_effect: float = 0.01,
-              complete: bool = True, **settings) -> Path:
-    """A run directory as FederatedRun writes it; fedprox scores 0.1 above fedavg, the
-    second model 0.05 above the first, and the best round is 2 for seed 0, 3 for seed 1."""
+              complete: bool = True, offset: float = 0.0, **settings) -> Path:
+    """A run directory as FederatedRun (or the pooled / local baseline) writes it; scores
+    are STRATEGY_EFFECT above fedavg plus `offset`, the second model 0.05 above the first,
+    and the best round is 2 for seed 0, 3 for seed 1. A local run also writes each client's
+    model on the global test set (split global_test), and its global row is their mean."""
     cfg = RunConfig(rounds=ROUNDS, model={"name": model}, strategy=strategy, seed=seed, **settings)
     run_dir = study / run_name(cfg)
     run_dir.mkdir(parents=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(
         {"study": study.name, "run": run_dir.name, "data": {"dataset": "synthetic"},
          "run_config": cfg.model_dump(mode="json")}, sort_keys=False))
-    base = (0.4 + 0.1 * (strategy["name"] == "fedprox") + 0.05 * model.endswith("1")
-            + seed_effect * seed)
+    local = strategy["name"] == "local"
+    base = (0.4 + STRATEGY_EFFECT.get(strategy["name"], 0.0) + 0.05 * model.endswith("1")
+            + seed_effect * seed + offset)
 
     def metrics(r: int, client: int | None, split: str) -> dict:
-        shift = 0.02 * r + (split == "val") * 0.01
+        shift = 0.02 * r + (split == "val") * 0.01 - (split == "global_test") * 0.04
         shift += 0.03 * (client + 1) if client is not None else 0
         m = {"n": 100, "loss": 1 - shift}
         m.update({k: round(base + shift - 0.01 * i, 6) for i, k in enumerate(HEADLINE)})
         m["avg"] = sum(m[k] for k in HEADLINE) / len(HEADLINE)
         return m
 
-    rows = [{"round": 0, "scope": "global", "client": None, "split": "test",
-             **metrics(0, None, "test")}]
+    def global_test(r: int) -> dict:
+        if not local:
+            return metrics(r, None, "test")
+        clients = [metrics(r, c, "global_test") for c in range(CLIENTS)]
+        return {k: statistics.mean(m[k] for m in clients) for k in clients[0]}
+
+    rows = [{"round": 0, "scope": "global", "client": None, "split": "test", **global_test(0)}]
     for r in range(1, ROUNDS + 1):
         rows += [{"round": r, "scope": "client", "client": c, "split": "train", "n": 300,
                   "loss": 0.5} for c in range(CLIENTS)]
+        splits = ("val", "test", "global_test") if local else ("val", "test")
         rows += [{"round": r, "scope": "client", "client": c, "split": s, **metrics(r, c, s)}
-                 for c in range(CLIENTS) for s in ("val", "test")]
+                 for c in range(CLIENTS) for s in splits]
         rows.append({"round": r, "scope": "federated", "client": None, "split": "val",
                      **metrics(r, None, "val")})
         rows.append({"round": r, "scope": "global", "client": None, "split": "test",
-                     **metrics(r, None, "test")})
+                     **global_test(r)})
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     best = 2 + seed if complete else 1
     (run_dir / "summary.json").write_text(json.dumps(
@@ -62,8 +75,9 @@ def write_run(study: Path, strategy: dict, model: str, seed: int, seed_effect: f
     return run_dir
 
 
-def write_study(study: Path, models: tuple[str, ...] = ("tiny0", "tiny1"), **kwargs) -> Path:
-    for strategy in STRATEGIES:
+def write_study(study: Path, models: tuple[str, ...] = ("tiny0", "tiny1"),
+                strategies: tuple[dict, ...] = STRATEGIES, **kwargs) -> Path:
+    for strategy in strategies:
         for model in models:
             for seed in (0, 1):
                 write_run(study, strategy, model, seed, **kwargs)
@@ -77,16 +91,17 @@ def report(tmp_path_factory) -> Path:
     return write_report(study)
 
 
-def expected(study: Path, strategy: str, model: str, test_set: str) -> dict[str, list[float]]:
-    """Per metric, the values of the seeds' runs, straight from metrics.jsonl at the best round."""
-    values: dict[str, list[float]] = {m: [] for m in (*HEADLINE, "avg")}
+def expected(study: Path, run: str, test_set: str, split: str = "test") -> dict[str, list[float]]:
+    """Per metric, the values of the seeds' runs (folders `<run>_s<seed>`), straight from
+    metrics.jsonl at the best round."""
+    values: dict[str, list[float]] = {m: [] for m in METRICS}
     for seed in (0, 1):
-        run_dir = study / f"{strategy}_{model}_sgd_s{seed}"
+        run_dir = study / f"{run}_s{seed}"
         best = json.loads((run_dir / "summary.json").read_text())["best"]["round"]
         for line in (run_dir / "metrics.jsonl").read_text().splitlines():
             row = json.loads(line)
             where = "global" if row["scope"] == "global" else f"client {row['client']}"
-            if row["round"] == best and row["split"] == "test" and where == test_set:
+            if row["round"] == best and row["split"] == split and where == test_set:
                 for m in values:
                     values[m].append(row[m])
     return values
@@ -110,7 +125,7 @@ def test_numbers_match_metrics_jsonl(report: Path):
     assert len(table) == 2 * 2 * (1 + CLIENTS)  # strategies x models x (global + clients)
     text = report.read_text()
     for _, row in table.iterrows():
-        values = expected(study, row["strategy"], row["model"], row["test_set"])
+        values = expected(study, f"{row['strategy']}_{row['model']}_sgd", row["test_set"])
         assert row["seeds"] == 2
         for metric, seeds in values.items():
             assert len(seeds) == 2
@@ -179,3 +194,114 @@ def test_study_without_runs_is_an_error(tmp_path: Path):
         write_report(tmp_path / "empty")
     with pytest.raises(FlSimError, match="missing.* does not exist"):
         write_report(tmp_path / "missing")
+
+
+@pytest.fixture(scope="module")
+def baselines(tmp_path_factory) -> Path:
+    """The report of fedavg, fedprox, pooled and local runs of one model, two seeds each."""
+    study = write_study(tmp_path_factory.mktemp("out") / "baselines", models=("tiny0",),
+                        strategies=(*STRATEGIES, *BASELINES))
+    return write_report(study)
+
+
+def md_table(text: str, heading: str) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the markdown table right under `heading`."""
+    block = text.split(f"\n{heading}\n\n")[1].split("\n\n")[0]
+    lines = [[c.strip() for c in line.strip("|").split("|")] for line in block.splitlines()
+             if not line.startswith("|---")]
+    return lines[0], lines[1:]
+
+
+def cell(values: list[float]) -> str:
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def signed(value: float) -> str:
+    return f"{value:+.3f}".replace("-", "−")
+
+
+def test_gap_to_pooled_is_the_difference_of_means(baselines: Path):
+    study = baselines.parent.parent
+    header, rows = md_table(baselines.read_text(), "### tiny0 · sgd")
+    by_strategy = {row[0]: row for row in rows}
+    assert list(by_strategy) == ["pooled", "fedavg", "fedprox-mu0.01", "local"]
+    pooled = expected(study, "pooled_tiny0_sgd", "global")
+    for strategy, row in by_strategy.items():
+        values = expected(study, f"{strategy}_tiny0_sgd", "global")
+        for m in METRICS:
+            name = METRIC_NAMES[m]
+            assert row[header.index(name)] == cell(values[m])
+            gap = statistics.mean(values[m]) - statistics.mean(pooled[m])
+            want = "—" if strategy == "pooled" else signed(gap)
+            assert row[header.index(f"Δ {name}")] == want
+    # fedprox sits 0.15 - 0.1 below pooled; local's mean client model 0.15 + 0.1 - 0.02 below.
+    for strategy, gap in (("fedprox-mu0.01", "−0.050"), ("local", "−0.230")):
+        row = by_strategy[strategy]
+        assert {row[header.index(f"Δ {METRIC_NAMES[m]}")] for m in METRICS} == {gap}
+
+
+def test_local_table_has_a_row_per_client(baselines: Path):
+    study = baselines.parent.parent
+    header, rows = md_table(baselines.read_text(), "#### local · tiny0 · sgd")
+    names = [f"client {c}" for c in range(CLIENTS)]
+    assert [row[0] for row in rows] == ["mean over clients", *names]
+    clients = {c: (expected(study, "local_tiny0_sgd", c, "global_test"),
+                   expected(study, "local_tiny0_sgd", c)) for c in names}
+    # The mean over clients: the run's global row on the global test set; on the clients'
+    # own test splits, the mean of the clients' values of each seed.
+    own_mean = {m: [statistics.mean(own[m][i] for _, own in clients.values()) for i in (0, 1)]
+                for m in METRICS}
+    clients["mean over clients"] = (expected(study, "local_tiny0_sgd", "global"), own_mean)
+    for row in rows:
+        on_global, own = clients[row[0]]
+        assert row[1] == "2"
+        for m in METRICS:
+            assert row[header.index(f"{METRIC_NAMES[m]} global")] == cell(on_global[m])
+            assert row[header.index(f"{METRIC_NAMES[m]} own")] == cell(own[m])
+
+
+def test_baselines_fit_the_other_tables_and_figures(baselines: Path):
+    study, out = baselines.parent.parent, baselines.parent
+    table = pd.read_csv(out / "test_metrics.csv")
+    assert len(table) == 4 * (1 + CLIENTS) and set(table["seeds"]) == {2}
+    # A local client's test set is its own split, never its model on the global test set.
+    local_clients = table[(table["strategy"] == "local") & (table["test_set"] != "global")]
+    assert len(local_clients) == CLIENTS
+    for _, row in local_clients.iterrows():
+        own = expected(study, "local_tiny0_sgd", row["test_set"])
+        assert row["bacc_mean"] == pytest.approx(statistics.mean(own["bacc"]))
+    text = baselines.read_text()
+    section = text.split("## Winners")[1].split("\n## ")[0]
+    assert section.count("\n- ") == 6 and section.count(": pooled · tiny0 · sgd (") == 6
+    pngs = {p.name for p in out.glob("*.png")}
+    assert {"convergence_tiny0_sgd.png", "clients_tiny0_sgd.png", "vs_pooled_tiny0_sgd.png"} <= pngs
+    assert all(f"]({p})" in text for p in pngs)
+
+
+def test_recipes_are_never_compared_across(tmp_path: Path):
+    study = tmp_path / "recipes"
+    wce = {"loss": {"name": "weighted_ce"}}
+    for seed in (0, 1):
+        write_run(study, STRATEGIES[0], "tiny0", seed)
+        write_run(study, STRATEGIES[0], "tiny0", seed, offset=0.02, **wce)
+        write_run(study, BASELINES[0], "tiny0", seed, offset=0.07, **wce)
+    loaded = load_study(study)
+    versus = versus_pooled(seed_table(loaded.at_best()), loaded.runs)
+    text = "\n\n".join(baselines_section(loaded, versus))
+    recipe = ' [loss.name="weighted_ce"]'
+    assert text.count("\n### ") == 1
+    header, rows = md_table(text, f"### tiny0 · sgd{recipe}")
+    assert [row[0] for row in rows] == [f"pooled{recipe}", f"fedavg{recipe}"]
+    fed, pooled = (expected(study, f"{s}_tiny0_sgd_wce", "global") for s in ("fedavg", "pooled"))
+    for m in METRICS:
+        gap = statistics.mean(fed[m]) - statistics.mean(pooled[m])
+        assert rows[1][header.index(f"Δ {METRIC_NAMES[m]}")] == signed(gap) == "−0.200"
+    assert ("Not compared, for want of a pooled run of the same model, optimizer and recipe: "
+            'fedavg [loss.name="ce"] · tiny0 · sgd.') in text
+
+
+def test_study_without_pooled_runs_says_so(report: Path):
+    section = report.read_text().split("## Federated vs pooled vs local\n\n")[1].split("\n## ")[0]
+    assert section.startswith("No complete pooled run in this study. Adding "
+                              "`strategy: {name: pooled}` and `{name: local}` runs to the grid")
+    assert "### " not in section

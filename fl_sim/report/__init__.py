@@ -11,7 +11,7 @@ from pathlib import Path
 from fl_sim.report.collect import REPORT_DIR, Study, load_study
 from fl_sim.report.markdown import render
 from fl_sim.report.plots import write_figures
-from fl_sim.report.tables import seed_table
+from fl_sim.report.tables import seed_table, versus_pooled
 
 __all__ = ["Study", "load_study", "seed_table", "write_report"]
 
@@ -26,6 +26,7 @@ def write_report(study_dir: Path) -> Path:
         old.unlink()
     table = seed_table(study.at_best())
     table.to_csv(out / "test_metrics.csv", index=False)
-    figures = write_figures(study.rows, table, out)
-    (out / "report.md").write_text(render(study, table, figures), encoding="utf-8")
+    versus = versus_pooled(table, study.runs)
+    figures = write_figures(study.rows, table, versus, out)
+    (out / "report.md").write_text(render(study, table, versus, figures), encoding="utf-8")
     return out / "report.md"

@@ -2,8 +2,10 @@
 
 Each run gets three labels taken from its config.yaml: strategy, model, optimizer. Runs
 that differ in nothing but their seed share all three, so the tables can average over
-seeds. A run that cannot be reported (unfinished, missing or broken files) is kept as a
-skipped run with its reason, never dropped silently.
+seeds. Each run also keeps its recipe, the varying settings that are not the strategy's,
+so that a federated run is compared with the pooled and local baselines of its recipe only.
+A run that cannot be reported (unfinished, missing or broken files) is kept as a skipped
+run with its reason, never dropped silently.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import pandas as pd
 import yaml
 from pydantic import ValidationError
 
-from fl_sim.config import RunConfig, format_validation_error, proximal_mu
+from fl_sim.config import RunConfig, format_validation_error, run_labels
 from fl_sim.errors import FlSimError
 from fl_sim.metrics import HEADLINE
 
@@ -43,7 +45,7 @@ class Study:
     """The reportable runs of one study folder."""
 
     folder: Path
-    runs: pd.DataFrame  # one row per complete run: run, labels, seed, best_round, ...
+    runs: pd.DataFrame  # one row per complete run: run, labels, recipe, seed, best_round, ...
     rows: pd.DataFrame  # every metrics.jsonl row of those runs, with their labels
     skipped: list[tuple[str, str]]  # (run folder name, why it is not in the report)
 
@@ -51,10 +53,14 @@ class Study:
     def name(self) -> str:
         return self.folder.name
 
-    def at_best(self) -> pd.DataFrame:
-        """Test rows (global and per client) at each run's best-on-validation round."""
+    def at_best(self, split: str = "test") -> pd.DataFrame:
+        """Rows of `split` (global and per client) at each run's best-on-validation round.
+
+        "test" is every model's test set; "global_test" holds the local baseline's client
+        models on the global test set, kept apart so that they never count as a client's test.
+        """
         best = self.rows["round"] == self.rows["run"].map(self.runs.set_index("run")["best_round"])
-        tested = (self.rows["split"] == "test") & self.rows["scope"].isin(["global", "client"])
+        tested = (self.rows["split"] == split) & self.rows["scope"].isin(["global", "client"])
         return self.rows[best & tested]
 
 
@@ -88,9 +94,13 @@ def load_study(folder: Path) -> Study:
         reasons = "; ".join(f"{name}: {why}" for name, why in skipped)
         raise FlSimError(f"no complete run in {folder} to report on ({reasons}).")
     runs_df = pd.DataFrame(runs)
-    runs_df["strategy"] += _setting_suffixes(configs)
+    settings = _varying_settings(configs)
+    # Strategy settings (params, ...) belong to one strategy; the rest is the recipe.
+    of_strategy = settings.columns.str.startswith("run_config.strategy.")
+    runs_df["recipe"] = _suffixes(settings.loc[:, ~of_strategy])
+    runs_df["strategy"] += _suffixes(settings)
     rows_df = pd.concat(rows, ignore_index=True).merge(
-        runs_df[["run", *LABELS, "seed"]], on="run", validate="many_to_one")
+        runs_df[["run", *LABELS, "strategy_name", "seed"]], on="run", validate="many_to_one")
     return Study(folder, runs_df, rows_df, skipped)
 
 
@@ -117,7 +127,8 @@ def _load_run(run_dir: Path) -> tuple[dict[str, Any], pd.DataFrame, dict[str, An
                     "one folder; run it again")
     if not ((rows["round"] == best_round) & (rows["scope"] == "global")).any():
         raise _Skip(f"metrics.jsonl has no global test row at the best round {best_round}")
-    run = {"run": run_dir.name, **_labels(cfg), "seed": cfg.seed, "best_round": best_round,
+    run = {"run": run_dir.name, **run_labels(cfg), "strategy_name": cfg.strategy.name,
+           "seed": cfg.seed, "best_round": best_round,
            "selection_metric": cfg.selection_metric, "rounds": cfg.rounds,
            "wall_time_s": summary.get("wall_time_s", math.nan),
            "bytes_sent": summary.get("bytes_sent", math.nan)}
@@ -137,28 +148,19 @@ def _parse_jsonl(text: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
-def _labels(cfg: RunConfig) -> dict[str, str]:
-    """The names `run_name` uses, so that a report reads like the run folders."""
-    strategy = cfg.strategy.name
-    if strategy == "fedprox":
-        strategy += f"-mu{proximal_mu(cfg.strategy):g}"
-    if cfg.strategy.weighting == "uniform":
-        strategy += "-uniform"
-    model = cfg.model.name if cfg.training == "supervised" else f"{cfg.model.name}-{cfg.training}"
-    optimizer = cfg.optimizer.name
-    if cfg.optimizer.lr is not None:
-        optimizer += f"-lr{cfg.optimizer.lr:g}"
-    return {"strategy": strategy, "model": model, "optimizer": optimizer}
-
-
-def _setting_suffixes(configs: list[dict[str, Any]]) -> list[str]:
-    """' [key=value, ...]' of the config keys that vary across runs but no label names."""
+def _varying_settings(configs: list[dict[str, Any]]) -> pd.DataFrame:
+    """One row per run: the config keys that vary across runs but no label names."""
     flat = pd.DataFrame([_flatten({k: c.get(k) for k in ("data", "run_config")}) for c in configs])
-    varying = [k for k in flat.columns if k not in _NAMED_KEYS
-               and not k.startswith(_HINT_PREFIXES) and flat[k].nunique(dropna=False) > 1]
-    return ["" if not varying else
-            " [" + ", ".join(f"{k.removeprefix('run_config.')}={row[k]}" for k in varying) + "]"
-            for _, row in flat.iterrows()]
+    return flat[[k for k in flat.columns if k not in _NAMED_KEYS
+                 and not k.startswith(_HINT_PREFIXES) and flat[k].nunique(dropna=False) > 1]]
+
+
+def _suffixes(settings: pd.DataFrame) -> list[str]:
+    """' [key=value, ...]' per run; '' where no key varies."""
+    keys = list(settings.columns)
+    return ["" if not keys else
+            " [" + ", ".join(f"{k.removeprefix('run_config.')}={row[k]}" for k in keys) + "]"
+            for _, row in settings.iterrows()]
 
 
 def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, str]:

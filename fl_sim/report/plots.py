@@ -16,7 +16,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from fl_sim.report.collect import METRICS
-from fl_sim.report.tables import METRIC_NAMES
+from fl_sim.report.tables import METRIC_NAMES, compared_groups, group_name
 
 AT_BEST = "mean ± std over seeds, at each run's best-on-validation round"
 
@@ -31,7 +31,7 @@ METRIC_COLORS = colors([METRIC_NAMES[m] for m in METRICS])
 
 
 def slug(*parts: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", "_".join(parts)).strip("-")
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", "_".join(p for p in parts if p)).strip("-")
 
 
 def _save(fig: Figure, path: Path) -> Path:
@@ -39,9 +39,10 @@ def _save(fig: Figure, path: Path) -> Path:
     return path
 
 
-def _grouped_bars(ax: Axes, mean: pd.DataFrame, std: pd.DataFrame,
-                  palette: dict[str, tuple]) -> None:
-    """One group of bars per row of `mean`, one bar per column, std as error bars."""
+def _grouped_bars(ax: Axes, mean: pd.DataFrame, std: pd.DataFrame, palette: dict[str, tuple],
+                  ylim: tuple[float, float] | None = (0, 1)) -> None:
+    """One group of bars per row of `mean`, one bar per column, std as error bars; ylim None
+    fits the axis to the bars (gaps can be negative)."""
     x = np.arange(len(mean.index))
     width = 0.8 / len(mean.columns)
     for i, col in enumerate(mean.columns):
@@ -49,7 +50,8 @@ def _grouped_bars(ax: Axes, mean: pd.DataFrame, std: pd.DataFrame,
         ax.bar(x + offset, mean[col], width, yerr=std[col].fillna(0), capsize=2,
                label=str(col), color=palette[col])
     ax.set_xticks(x, [str(i) for i in mean.index])
-    ax.set_ylim(0, 1)
+    if ylim is not None:
+        ax.set_ylim(*ylim)
     ax.grid(axis="y", alpha=0.3)
 
 
@@ -137,10 +139,38 @@ def client_bars_plot(table: pd.DataFrame, model: str, optimizer: str,
     return _save(fig, path)
 
 
-def write_figures(rows: pd.DataFrame, table: pd.DataFrame, out: Path) -> dict[str, list[Path]]:
+def pooled_gap_plot(rows: pd.DataFrame, palette: dict[str, tuple], path: Path) -> Path:
+    """One group of versus_pooled (a model × optimizer × recipe): per metric, a bar per
+    strategy of its gap to pooled, error bars = its std over seeds; the grey band is the
+    pooled run's own ± std, so a bar inside it may be seed noise alone."""
+    names = [METRIC_NAMES[m] for m in METRICS]
+    is_ref = rows["strategy"] == rows["reference"]
+    others = rows[~is_ref].set_index("strategy")
+    gaps, stds = (others[[f"{m}_{stat}" for m in METRICS]].set_axis(names, axis=1).T
+                  for stat in ("gap", "std"))
+    pooled = rows[is_ref].iloc[0]
+    # A single pooled seed has no std: no band.
+    band = np.nan_to_num(pooled[[f"{m}_std" for m in METRICS]].to_numpy(float))
+    fig = Figure(figsize=(10, 5.5), layout="constrained")
+    ax = fig.add_subplot()
+    ax.bar(np.arange(len(names)), 2 * band, 0.9, bottom=-band, color="0.88",
+           label=f"{pooled['strategy']} ± std")
+    _grouped_bars(ax, gaps, stds, palette, ylim=None)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xlabel("metric (global test set)")
+    ax.set_ylabel(f"strategy − {pooled['strategy']}")
+    fig.legend(loc="outside right upper")
+    group = group_name(pooled["model"], pooled["optimizer"], pooled["recipe"])
+    fig.suptitle(f"{group}: gap to {pooled['strategy']} on the global test set\n"
+                 f"({AT_BEST}; error bars = the strategy's std)", fontsize="medium")
+    return _save(fig, path)
+
+
+def write_figures(rows: pd.DataFrame, table: pd.DataFrame, versus: pd.DataFrame,
+                  out: Path) -> dict[str, list[Path]]:
     """Every figure of a report into `out`, by kind."""
     palette = colors(list(table["strategy"].unique()))
-    figures: dict[str, list[Path]] = {"spider": [], "convergence": [], "clients": []}
+    figures: dict[str, list[Path]] = {"spider": [], "convergence": [], "clients": [], "pooled": []}
     for strategy, optimizer in _pairs(table, "strategy", "optimizer"):
         name = slug(strategy, optimizer)
         figures["spider"].append(spider_plot(table, strategy, optimizer, out / f"spider_{name}.png"))
@@ -150,6 +180,10 @@ def write_figures(rows: pd.DataFrame, table: pd.DataFrame, out: Path) -> dict[st
             convergence_plot(rows, model, optimizer, palette, out / f"convergence_{name}.png"))
         figures["clients"].append(
             client_bars_plot(table, model, optimizer, palette, out / f"clients_{name}.png"))
+    for key, group in compared_groups(versus):
+        if len(group) > 1:  # pooled alone has no gap to draw
+            figures["pooled"].append(
+                pooled_gap_plot(group, palette, out / f"vs_pooled_{slug(*key)}.png"))
     return figures
 
 
