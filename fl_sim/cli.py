@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
@@ -79,6 +80,9 @@ def cmd_data_inspect(args: argparse.Namespace, console: Console) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     console = Console()
+    # fl-sim's own notes (e.g. which pretrained weights loaded) as plain lines.
+    logging.basicConfig(format="%(message)s")
+    logging.getLogger("fl_sim").setLevel(logging.INFO)
     try:
         if args.command == "run":
             cmd_run(args, console)

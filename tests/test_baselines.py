@@ -124,3 +124,30 @@ def test_plateau_stops_a_run_that_no_longer_learns(tmp_path):
     assert [r["lr"] for r in rows_of(run_dir) if r["split"] == "train"] == [1e-30, 1e-30, 5e-31]
     run_study(study, [run], console=Console(quiet=True))  # complete: not resumed
     assert json.loads((run_dir / "summary.json").read_text()) == summary
+
+
+@pytest.mark.slow
+def test_pooled_local_and_fedavg_on_the_real_ham10000_and_their_report(ham_root, ham_cache_dir,
+                                                                       tmp_path):
+    """The grid of the issue on a subset of the real HAM10000, pretrained EfficientNet-Lite0
+    from the embedded weights, and the report's federated vs pooled vs local table."""
+    study = StudyConfig.model_validate({
+        "study": "ham", "out": str(tmp_path),
+        "data": {"dataset": "ham10000", "root": str(ham_root), "image_size": 32,
+                 "max_images": 300, "cache_dir": str(ham_cache_dir)},
+        "defaults": {"rounds": 2, "model": {"name": "tf_efficientnet_lite0", "pretrained": True},
+                     "optimizer": {"name": "adamw"}, "loss": {"name": "weighted_ce"}},
+        "grid": {"strategy": ["pooled", "local", "fedavg"]},
+    })
+    dirs = run_study(study, expand_grid(study), console=Console(quiet=True))
+    assert [json.loads((d / "summary.json").read_text())["complete"] for d in dirs] == [True] * 3
+    from fl_sim.report import write_report
+
+    text = write_report(tmp_path / "ham").read_text()
+    section = text.split("## Federated vs pooled vs local")[1].split("\n## ")[0]
+    rows = [line.split(" | ")[0].strip("| ") for line in section.splitlines()
+            if line.startswith("| ") and "---" not in line]
+    assert rows[1:4] == ["pooled", "fedavg", "local"]  # after the header row
+    pooled = json.loads((dirs[0] / "summary.json").read_text())["best"]["global_test"]["acc"]
+    fedavg = json.loads((dirs[2] / "summary.json").read_text())["best"]["global_test"]["acc"]
+    assert f"| fedavg | 1 | {fedavg:.3f} | {fedavg - pooled:+.3f}".replace("-", "−") in section

@@ -272,7 +272,9 @@ def test_baselines_fit_the_other_tables_and_figures(baselines: Path):
         assert row["bacc_mean"] == pytest.approx(statistics.mean(own["bacc"]))
     text = baselines.read_text()
     section = text.split("## Winners")[1].split("\n## ")[0]
-    assert section.count("\n- ") == 6 and section.count(": pooled · tiny0 · sgd (") == 6
+    # Pooled leads every metric here, but the baselines are references: not ranked.
+    assert section.count("\n- ") == 6
+    assert "pooled ·" not in section and "local ·" not in section
     pngs = {p.name for p in out.glob("*.png")}
     assert {"convergence_tiny0_sgd.png", "clients_tiny0_sgd.png", "vs_pooled_tiny0_sgd.png"} <= pngs
     assert all(f"]({p})" in text for p in pngs)

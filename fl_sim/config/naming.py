@@ -7,7 +7,7 @@ folders it comes from.
 
 from __future__ import annotations
 
-from fl_sim.config.schema import RunConfig, StrategyConfig
+from fl_sim.config.schema import BASELINES, RunConfig, StrategyConfig
 
 # Grid keys that run_name spells out; other varying scalars are appended as `<key><value>`.
 NAMED_KEYS = {"strategy", "model", "optimizer", "training", "clip", "seed", "loss", "sampler",
@@ -23,7 +23,7 @@ def strategy_label(strategy: StrategyConfig) -> str:
     label = strategy.name
     if strategy.name == "fedprox":
         label += f"-mu{proximal_mu(strategy):g}"
-    if strategy.weighting == "uniform":
+    if strategy.weighting == "uniform" and strategy.name not in BASELINES:  # no averaging
         label += "-uniform"
     return label
 

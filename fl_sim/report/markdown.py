@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from fl_sim.config import BASELINES
 from fl_sim.report.collect import LABELS, METRICS, Study
 from fl_sim.report.tables import (
     METRIC_NAMES, Winner, compared_groups, group_name, local_clients_table, winners,
@@ -123,6 +124,13 @@ def baselines_section(study: Study, versus: pd.DataFrame) -> list[str]:
     return parts
 
 
+def contenders(study: Study, table: pd.DataFrame) -> pd.DataFrame:
+    """The rows of the federated configurations, or all rows if the study has none."""
+    baseline = study.runs.loc[study.runs["strategy_name"].isin(BASELINES), "strategy"]
+    federated = table[~table["strategy"].isin(set(baseline))]
+    return federated if (federated["test_set"] == "global").any() else table
+
+
 def render(study: Study, table: pd.DataFrame, versus: pd.DataFrame,
            figures: dict[str, list[Path]]) -> str:
     runs = study.runs.sort_values("run")
@@ -138,8 +146,10 @@ def render(study: Study, table: pd.DataFrame, versus: pd.DataFrame,
         "same numbers unrounded.",
         "## Winners on the global test set",
         "Per metric, the configuration with the highest mean against the next one. The gap "
-        "exceeds the seed spread when it is larger than the two configurations' std summed.",
-        "\n".join(f"- {winner_line(w)}" for w in winners(table)),
+        "exceeds the seed spread when it is larger than the two configurations' std summed. "
+        "The pooled and local baselines are references, not contenders: where the study "
+        "holds federated runs, only those are ranked (the baselines are compared below).",
+        "\n".join(f"- {winner_line(w)}" for w in winners(contenders(study, table))),
         "## Global test set",
         metrics_table(table[is_global], with_test_set=False),
         "## Client test sets",
