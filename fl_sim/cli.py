@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -51,6 +52,7 @@ def parser() -> argparse.ArgumentParser:
 
 def cmd_run(args: argparse.Namespace, console: Console) -> None:
     study = load_study(args.config, data_root=args.data_root, out=args.out)
+    check_writable(Path(study.out) / study.study)
     runs = expand_grid(study)
     if args.only:
         unknown = set(args.only) - {r.name for r in runs}
@@ -68,6 +70,18 @@ def cmd_run(args: argparse.Namespace, console: Console) -> None:
     from fl_sim.simulation import run_study
 
     run_study(study, runs, console=console, verbose=args.verbose)
+
+
+def check_writable(folder: Path) -> None:
+    """Fail before any run (and in --dry-run) if `folder` cannot be made and written: its
+    nearest existing ancestor must be a folder that we may write in."""
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        raise FlSimError(f"cannot write runs to {folder}: {existing} is a file, not a folder. "
+                         "Set `out` (or --out) to a folder, or to a path where one can be made.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise FlSimError(f"cannot write runs to {folder}: no permission to write in {existing}. "
+                         "Set `out` (or --out) to a folder you may write in.")
 
 
 def cmd_data_inspect(args: argparse.Namespace, console: Console) -> None:

@@ -291,7 +291,12 @@ class StudyConfig(Strict):
         return self.grid if isinstance(self.grid, list) else [self.grid]
 
     @model_validator(mode="after")
-    def _grid_keys_exist(self) -> StudyConfig:
+    def _grid_gives_runs(self) -> StudyConfig:
+        if not self.grids:  # `grid: []`: a product over no grid is no run at all
+            raise ValueError(
+                "grid is an empty list of grids, so the study has no run: leave grid out (or "
+                "write `grid: {}`) for one run of the defaults, or list grids of alternatives"
+            )
         for grid in self.grids:
             for key, values in grid.items():
                 if key not in RunConfig.model_fields:

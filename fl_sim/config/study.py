@@ -20,9 +20,14 @@ def load_study(
     """Read and validate a study file; CLI overrides win over the file."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        with open(path, "rb") as f:  # a named stream: YAML's errors name the file
+            raw = yaml.safe_load(f)
     except FileNotFoundError:
         raise FlSimError(f"config file {path} not found: check the path.") from None
+    except OSError as err:
+        raise FlSimError(f"cannot read config file {path}: {err.strerror}.") from None
+    except yaml.reader.ReaderError as err:
+        raise FlSimError(_reader_error(path, err)) from None
     except yaml.YAMLError as err:
         raise FlSimError(f"{path} is not valid YAML: {err}") from None
     if not isinstance(raw, dict):
@@ -50,15 +55,43 @@ def _make_paths_absolute(study: StudyConfig) -> None:
             setattr(owner, key, Path(value).expanduser().absolute())
 
 
+def _reader_error(path: Path, err: yaml.reader.ReaderError) -> str:
+    """Name the line: YAML gives an offset, in bytes for text that does not decode, else in
+    characters."""
+    data = path.read_bytes()
+    if err.encoding == "unicode":  # the text decoded, but holds a control character
+        line = data.decode("utf-8", errors="replace")[: err.position].count("\n") + 1
+        what = f"the control character #x{err.character:04x}, which YAML does not allow"
+    else:
+        line = data[: err.position].count(b"\n") + 1
+        what = (f"the byte #x{err.character:02x}, which is not {err.encoding} ({err.reason}): "
+                "save the file as UTF-8")
+    return f"{path} is not valid YAML: line {line} holds {what}."
+
+
+ECHO_CHARS = 80  # an echoed value longer than this is cut: the key path already locates it
+
+
 def format_validation_error(err: ValidationError) -> str:
-    """One line per problem, each with its dotted key path."""
+    """One line per problem, each with its dotted key path and the value it got, if short."""
     lines = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"])
-        msg = "unknown key (check its spelling)" if e["type"] == "extra_forbidden" else e["msg"]
-        value = "" if e["type"] == "extra_forbidden" else f" (got {e.get('input')!r})"
-        lines.append(f"  - {loc or '<top>'}: {msg}{value}")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check its spelling)"
+        else:
+            msg = e["msg"].removeprefix("Value error, ") + _echo(e.get("input"))
+        lines.append(f"  - {loc + ': ' if loc else ''}{msg}")
     return "\n".join(lines)
+
+
+def _echo(value: Any) -> str:
+    """' (got ...)', short. Not for a mapping: a model's own check gets the whole block (the
+    whole study, at the top), which says nothing the key path does not."""
+    if isinstance(value, dict):
+        return ""
+    text = repr(value)
+    return f" (got {text if len(text) <= ECHO_CHARS else text[: ECHO_CHARS - 3] + '...'})"
 
 
 

@@ -76,10 +76,13 @@ class FederatedData:
         self.manifest[MANIFEST_COLUMNS].to_csv(path, index=False)
 
 
-def prepare_data(cfg: DataConfig, *, progress: bool = True) -> FederatedData:
+def prepare_data(
+    cfg: DataConfig, *, progress: bool = True, check_splits: bool = True
+) -> FederatedData:
     """Load (building on first use) the decoded-image cache, then partition deterministically.
 
-    Cheap once the cache exists, and safe to call from several processes at once.
+    Cheap once the cache exists, and safe to call from several processes at once. A client
+    with an empty split is an error unless `check_splits` is False (`data inspect` warns).
     """
     _check_global_test(cfg)
     module = DATASETS[cfg.dataset]
@@ -127,7 +130,45 @@ def prepare_data(cfg: DataConfig, *, progress: bool = True) -> FederatedData:
         }
     )
     num_clients = len(set(client) - {GLOBAL})
-    return FederatedData(images, labels, list(CLASSES), list(CLASS_NAMES), manifest, num_clients)
+    data = FederatedData(images, labels, list(CLASSES), list(CLASS_NAMES), manifest, num_clients)
+    if check_splits:
+        check_client_splits(cfg, data)
+    return data
+
+
+def check_client_splits(cfg: DataConfig, data: FederatedData) -> None:
+    """Every client trains on train, picks its best round on val and reports test: an empty
+    one fails every round of every run, so refuse before any run starts."""
+    held = set(zip(data.manifest["client"], data.manifest["split"], strict=True))
+    empty = {
+        split: [c for c in range(data.num_clients) if (str(c), split) not in held]
+        for split in SPLITS
+    }
+    gaps = [
+        f"{split} is empty at {len(clients)} of {data.num_clients} clients ({_first(clients)})"
+        for split, clients in empty.items()
+        if clients
+    ]
+    if not gaps:
+        return
+    fewer = (
+        "another partition method ('site' makes one client per site)"
+        if cfg.partition.method == "site"
+        else f"fewer clients (partition.num_clients is {cfg.partition.num_clients})"
+    )
+    more = "more images" + (f" (max_images is {cfg.max_images})" if cfg.max_images else "")
+    s = cfg.partition.splits
+    raise FlSimError(
+        f"The partition leaves clients without images in a split: {'; '.join(gaps)}. A lesion "
+        "is never split, so a client with few lesions cannot fill train, val and test. Use "
+        f"{fewer}, {more}, or other split fractions "
+        f"(partition.splits is train {s.train:g}, val {s.val:g}, test {s.test:g})."
+    )
+
+
+def _first(clients: list[int], shown: int = 5) -> str:
+    """'3, 7, 9, 12, 15, ...': the first few of a long list."""
+    return ", ".join(map(str, clients[:shown])) + (", ..." if len(clients) > shown else "")
 
 
 def _check_global_test(cfg: DataConfig) -> None:

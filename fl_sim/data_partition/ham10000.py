@@ -92,11 +92,35 @@ def iter_images(table: pd.DataFrame, size: int, resize: Resize) -> Iterator[np.n
 def read_csv(csv: Path) -> pd.DataFrame:
     """A metadata CSV with every column as text (ids such as 'HAM_0000118' stay as written)."""
     try:
-        return pd.read_csv(csv, dtype=str)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        frame = pd.read_csv(csv, dtype=str)
+    except UnicodeDecodeError:
+        raise FlSimError(_not_utf8(csv)) from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as err:
         raise FlSimError(
             f"Cannot parse {csv} as CSV: {err}. Replace it with the file of the public release."
         ) from None
+    if frame.empty:
+        raise FlSimError(
+            f"{csv} holds a header but no rows, so there is no image to use. Replace it with "
+            "the file of the public release."
+        )
+    return frame
+
+
+def _not_utf8(csv: Path) -> str:
+    """Where the text stops being UTF-8, by line: pandas' offset counts from its read buffer."""
+    where = ""
+    for number, line in enumerate(csv.read_bytes().split(b"\n"), 1):
+        try:
+            line.decode("utf-8")
+        except UnicodeDecodeError as err:
+            byte = line[err.start]
+            where = f": line {number}, byte {err.start + 1} is #x{byte:02x} ({err.reason})"
+            break
+    return (
+        f"{csv} is not UTF-8 text{where}. Was it saved as Latin-1 or Windows-1252? Save it as "
+        "UTF-8, or replace it with the file of the public release."
+    )
 
 
 def require_columns(frame: pd.DataFrame, columns: Sequence[str], csv: Path, what: str) -> None:

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pandas as pd
 import yaml
@@ -23,6 +24,7 @@ from pydantic import ValidationError
 from fl_sim.config import RunConfig, format_validation_error, run_labels
 from fl_sim.errors import FlSimError
 from fl_sim.metrics import HEADLINE
+from fl_sim.server.run_log import read_metrics
 
 METRICS = (*HEADLINE, "avg")
 LABELS = ("strategy", "model", "optimizer")
@@ -83,10 +85,11 @@ def load_study(folder: Path) -> Study:
     runs, rows, configs, skipped = [], [], [], []
     for run_dir in run_dirs:
         try:
-            run, run_rows, config = _load_run(run_dir)
+            run, run_rows, config, notes = _load_run(run_dir)
         except _Skip as why:
             skipped.append((run_dir.name, str(why)))
             continue
+        skipped += [(run_dir.name, note) for note in notes]
         runs.append(run)
         rows.append(run_rows.assign(run=run["run"]))
         configs.append(config)
@@ -104,9 +107,12 @@ def load_study(folder: Path) -> Study:
     return Study(folder, runs_df, rows_df, skipped)
 
 
-def _load_run(run_dir: Path) -> tuple[dict[str, Any], pd.DataFrame, dict[str, Any]]:
-    """A run's labels and facts, its metric rows, its raw config; _Skip if not reportable."""
-    summary = _read(run_dir / "summary.json", json.loads)
+def _load_run(run_dir: Path) -> tuple[dict[str, Any], pd.DataFrame, dict[str, Any], list[str]]:
+    """A run's labels and facts, its metric rows, its raw config and what of it was left out
+    (a torn last line of metrics.jsonl); _Skip if not reportable."""
+    summary = _read(run_dir / "summary.json", _parse_summary)
+    if summary.get("failed"):
+        raise _Skip(_failure(summary["failed"]))
     if not summary.get("complete"):
         done = (summary.get("final") or {}).get("round", 0)
         raise _Skip(f"not complete ({done} of {summary.get('rounds', '?')} rounds finished)")
@@ -117,10 +123,13 @@ def _load_run(run_dir: Path) -> tuple[dict[str, Any], pd.DataFrame, dict[str, An
         raise _Skip("config.yaml has no run_config mapping") from None
     except ValidationError as err:
         raise _Skip(f"config.yaml is not a valid run config: {format_validation_error(err)}") from None
-    rows = pd.DataFrame(_read(run_dir / "metrics.jsonl", _parse_jsonl))
+    torn: list[int] = []
+    rows = pd.DataFrame(_read_rows(run_dir, torn.append))
     if rows.empty:
         raise _Skip("metrics.jsonl is empty")
-    best_round = summary["best"]["round"]
+    best_round = (summary.get("best") or {}).get("round")
+    if best_round is None:
+        raise _Skip("summary.json names no best round")
     key = ["round", "scope", "client", "split"]
     if rows.duplicated(key).any():
         raise _Skip("metrics.jsonl holds some rows twice: the run was written twice into "
@@ -132,7 +141,9 @@ def _load_run(run_dir: Path) -> tuple[dict[str, Any], pd.DataFrame, dict[str, An
            "selection_metric": cfg.selection_metric, "rounds": cfg.rounds,
            "wall_time_s": summary.get("wall_time_s", math.nan),
            "bytes_sent": summary.get("bytes_sent", math.nan)}
-    return run, rows, config
+    notes = [f"metrics.jsonl line {line} is torn (cut off in the middle of a write) and was "
+             "left out; the run's other rows are reported" for line in torn]
+    return run, rows, config, notes
 
 
 def _read(path: Path, parse: Any) -> Any:
@@ -144,8 +155,35 @@ def _read(path: Path, parse: Any) -> Any:
         raise _Skip(f"{path.name} is unreadable: {err}") from None
 
 
-def _parse_jsonl(text: str) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+def _parse_summary(text: str) -> dict[str, Any]:
+    """summary.json as strict JSON: a bare NaN or Infinity (runs that diverged before fl-sim
+    stopped them) must not rank a run."""
+    summary = json.loads(text, parse_constant=_non_finite)
+    if not isinstance(summary, dict):
+        raise _Skip("summary.json does not hold a JSON object")
+    return summary
+
+
+def _non_finite(constant: str) -> NoReturn:
+    raise _Skip(f"summary.json holds a bare {constant}: the run diverged (a non-finite loss "
+                "or metric) and cannot be ranked; run it again with other settings (a "
+                "smaller learning rate, say)")
+
+
+def _failure(failed: dict[str, Any]) -> str:
+    """'failed in round 3: <reason>', with the client where the reason does not name it."""
+    client, reason = failed.get("client"), failed.get("reason", "no reason given")
+    at = f" (client {client})" if client is not None and f"client {client}" not in reason else ""
+    return f"failed in round {failed.get('round', '?')}{at}: {reason}"
+
+
+def _read_rows(run_dir: Path, on_torn: Callable[[int], None]) -> list[dict[str, Any]]:
+    try:
+        return read_metrics(run_dir, on_torn)
+    except FileNotFoundError:
+        raise _Skip("no metrics.jsonl") from None
+    except FlSimError as err:
+        raise _Skip(str(err)) from None
 
 
 def _varying_settings(configs: list[dict[str, Any]]) -> pd.DataFrame:

@@ -31,7 +31,8 @@ METRIC_COLORS = colors([METRIC_NAMES[m] for m in METRICS])
 
 
 def slug(*parts: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", "_".join(p for p in parts if p)).strip("-")
+    # '+' stays: an exponent's sign tells lr1e+30 from lr1e-30.
+    return re.sub(r"[^A-Za-z0-9_.+-]+", "-", "_".join(p for p in parts if p)).strip("-")
 
 
 def _save(fig: Figure, path: Path) -> Path:
