@@ -7,6 +7,9 @@ import fcntl
 import json
 import logging
 import os
+import signal
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,7 +22,8 @@ from fl_sim.data_partition import prepare_data
 from fl_sim.errors import FlSimError
 from fl_sim.models import timm_name
 from fl_sim.server.baselines import BASELINE_RUNS
-from fl_sim.server.loop import RoundReport
+from fl_sim.server.loop import (Interrupted, RoundReport, RunFailed, failed_before,
+                                stop_requested)
 from fl_sim.server.server_app import make_server_app
 from fl_sim.strategies import build_strategy
 
@@ -46,6 +50,58 @@ def check_runs(runs: list[Run], num_clients: int) -> None:
         timm_name(run.config.model.name)
         if run.config.strategy.name not in BASELINES:
             build_strategy(run.config.strategy, num_clients)
+
+
+class Terminated(SystemExit):
+    """SIGTERM: the study stops as on Ctrl-C, and the process exits with 143 (128 + 15)."""
+
+    def __init__(self) -> None:
+        super().__init__(128 + signal.SIGTERM)
+
+
+class SignalStop:
+    """Ctrl-C (SIGINT) and SIGTERM stop a study within seconds: KeyboardInterrupt (exit 130)
+    or Terminated (143), every finished round kept, the cut round's rows taken back.
+
+    In a baseline the signal raises at once. In a simulation it only asks the ServerApp
+    thread to stop (`stop_requested`); raising in the main thread instead would unwind
+    Flower's engine, which shuts Ray down under the clients' pending replies and then waits
+    for them forever. Flower ends the clients' work and Ray, run_simulation returns, and
+    `raise_if_stopped` raises. A second signal exits at once.
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.simulating = False
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():  # signals go to main
+            yield
+            return
+        stop_requested.clear()
+        previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        except Terminated:
+            Console(stderr=True).print("terminated: finished rounds and runs are kept on disk")
+            raise
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.signum is not None:
+            os._exit(128 + signum)
+        self.signum = signum
+        stop_requested.set()
+        logging.getLogger("flwr").setLevel(logging.CRITICAL)  # clients cut off: noise
+        if not self.simulating:
+            self.raise_if_stopped()
+
+    def raise_if_stopped(self) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt if self.signum == signal.SIGINT else Terminated()
 
 
 @contextlib.contextmanager
@@ -95,25 +151,36 @@ def _hms(seconds: float) -> str:
 def run_study(study: StudyConfig, runs: list[Run], console: Console | None = None,
               verbose: bool = False) -> list[Path]:
     """Run each run of `runs` that has not finished yet (an interrupted run resumes from its
-    last completed round); returns their run directories."""
+    last completed round); returns their run directories.
+
+    A run that diverges (or diverged before) is marked failed and skipped, and the study
+    carries on: one bad learning rate of a days-long grid should not hold up the other runs,
+    and resuming it would only diverge again. FlSimError at the end lists the failed runs."""
     console = console or Console()
     quiet_flower(verbose)
     data = prepare_data(study.data)  # builds the cache once, before any client process starts
     check_runs(runs, data.num_clients)
-    with study_lock(Path(study.out) / study.study):
-        return _run_all(study, runs, data.num_clients, console, verbose)
+    stop = SignalStop()
+    with study_lock(Path(study.out) / study.study), stop.installed():
+        return _run_all(study, runs, data.num_clients, console, verbose, stop)
 
 
 def _run_all(study: StudyConfig, runs: list[Run], num_clients: int, console: Console,
-             verbose: bool) -> list[Path]:
-    done = []
-    todo = [r for r in runs if not is_complete(r.dir(study))]
+             verbose: bool, stop: SignalStop) -> list[Path]:
+    done, failed = [], []
+    todo = [r for r in runs if not is_complete(r.dir(study)) and not failed_before(r.dir(study))]
     eta = Eta(len(todo))
     for i, run in enumerate(runs, 1):
         run_dir = run.dir(study)
         if is_complete(run_dir):
             console.print(f"[{i}/{len(runs)}] {run.name}: finished before, skipped")
             done.append(run_dir)
+            continue
+        if failure := failed_before(run_dir):
+            console.print(f"[{i}/{len(runs)}] {run.name}: failed before, in round "
+                          f"{failure['round']} ({failure['reason']}), skipped",
+                          highlight=False, soft_wrap=True)
+            failed.append(f"{run.name}: round {failure['round']}, {failure['reason']}")
             continue
         baseline = run.config.strategy.name in BASELINES
         how = "trained in this process, no Flower" if baseline else "round 1 includes Ray start-up"
@@ -131,10 +198,17 @@ def _run_all(study: StudyConfig, runs: list[Run], num_clients: int, console: Con
                 f"{r.federated_val[metric]:.3f} (best round {r.best_round})  {eta.add(r)}",
                 highlight=False, soft_wrap=True)
 
-        if baseline:
-            BASELINE_RUNS[run.config.strategy.name](study, run, run_dir, on_round=on_round).execute()
-        else:
-            _simulate(study, run, num_clients, on_round, verbose)
+        try:
+            if baseline:
+                BASELINE_RUNS[run.config.strategy.name](study, run, run_dir,
+                                                        on_round=on_round).execute()
+            else:
+                _simulate(study, run, num_clients, on_round, verbose, stop)
+        except RunFailed as err:
+            console.print(f"  {run.name} failed: {err}", highlight=False, soft_wrap=True)
+            failed.append(f"{run.name}: round {err.failed['round']}, {err.failed['reason']}")
+            eta.runs_left -= 1
+            continue
         if not is_complete(run_dir):
             raise FlSimError(f"run {run.name} ended without finishing; see the log above and "
                              f"{run_dir}/metrics.jsonl for the rounds it completed.")
@@ -144,30 +218,53 @@ def _run_all(study: StudyConfig, runs: list[Run], num_clients: int, console: Con
                          if stopped else ""), highlight=False, soft_wrap=True)
         eta.runs_left -= 1
         done.append(run_dir)
+    if failed:
+        raise FlSimError(
+            f"{len(failed)} of {len(runs)} runs failed: training diverged, so each is marked "
+            f"failed in its summary.json, not resumed and never ranked: {'; '.join(failed)}. "
+            "To run one again, change the settings that made it fail (e.g. a lower "
+            "optimizer.lr, which gives the run another name and folder) or delete its folder "
+            f"under {Path(study.out) / study.study}.")
     return done
 
 
 def _simulate(study: StudyConfig, run: Run, num_clients: int,
-              on_round: Callable[[RoundReport], None], verbose: bool) -> None:
+              on_round: Callable[[RoundReport], None], verbose: bool, stop: SignalStop) -> None:
     """One federated run in Flower's Simulation Engine on Ray."""
-    from flwr.simulation import run_simulation  # imports Ray: keep `--dry-run` fast
+    import ray  # keep `--dry-run` fast
+    from flwr.simulation import run_simulation
 
     resources = run.config.resources
     cluster = _ray_address()
     cores = None if cluster else local_cores()
     cpus = client_cpus(resources.num_cpus, num_clients, cores)
-    run_simulation(
-        server_app=make_server_app(study, run, on_round),
-        client_app=_client_app(),
-        num_supernodes=num_clients,
-        backend_config={
-            "client_resources": {"num_cpus": cpus, "num_gpus": resources.num_gpus},
-            # A local Ray counts the cores as fl-sim did (not the host's, in a container
-            # pinned to fewer), so the actors it fits are the wave `client_cpus` planned.
-            "init_args": {"include_dashboard": False, "log_to_driver": verbose,
-                          **(cluster or {"num_cpus": cores})},
-        },
-    )
+    # A local Ray counts the cores as fl-sim did (not the host's, in a container pinned to
+    # fewer), so the actors it fits are the wave `client_cpus` planned.
+    init_args = {"include_dashboard": False, "log_to_driver": verbose, "logging_level": "WARNING",
+                 **(cluster or {"num_cpus": cores})}
+    stop.simulating = True
+    try:
+        # Started here, not by Flower (which takes a running Ray as it is): ray.init replaces
+        # the SIGTERM handler with one that exits at once, so fl-sim takes it back after.
+        handler = signal.getsignal(signal.SIGTERM)
+        ray.init(runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(sys.path)}},
+                 **init_args)
+        signal.signal(signal.SIGTERM, handler)
+        run_simulation(
+            server_app=make_server_app(study, run, on_round),
+            client_app=_client_app(),
+            num_supernodes=num_clients,
+            backend_config={"client_resources": {"num_cpus": cpus,
+                                                 "num_gpus": resources.num_gpus},
+                            "init_args": init_args},
+        )
+    except Interrupted:
+        stop.raise_if_stopped()
+        raise
+    finally:
+        stop.simulating = False
+        ray.shutdown()  # Flower's own shutdown is skipped when the engine fails to start
+    stop.raise_if_stopped()  # a signal after the last round
 
 
 def client_cpus(requested: float | str, num_clients: int, cores: int | None) -> float:

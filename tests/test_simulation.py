@@ -79,7 +79,7 @@ def test_run_directory_contract(study_dir, run):
 def test_best_round_is_chosen_on_validation(study_dir):
     run_dir = study_dir / "fedavg_test_convnext_adamw_s0"
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    val = {x["round"]: x["avg"] for x in rows if x["scope"] == "federated"}
+    val = {x["round"]: x["avg"] for x in rows if x["scope"] == "federated" and x["split"] == "val"}
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["best"]["round"] == max(val, key=val.get)
 

@@ -7,10 +7,15 @@ the best round on validation, and write each finished round to disk at once.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
+import json
 import logging
+import math
 import os
 import pickle
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +41,88 @@ from fl_sim.strategies import build_strategy
 from fl_sim.task import build_model, load_data
 
 SPLITS = ("val", "test")
+# Write errors that stop a run with a paragraph (not a traceback), and what to do about each.
+WRITE_ERRORS = {errno.ENOSPC: "free some space", errno.EDQUOT: "free some space or raise the quota",
+                errno.EROFS: "make that file system writable", errno.EACCES: "fix its permissions",
+                errno.EPERM: "fix its permissions", errno.EFBIG: "raise the file size limit",
+                errno.EIO: "check the disk"}
 log = logging.getLogger(__name__)
+# Set by `fl-sim run` on Ctrl-C or SIGTERM: the server loop then stops at its next wait.
+stop_requested = threading.Event()
+
+
+class Interrupted(Exception):
+    """The server loop stopping on request (an Exception: Flower's ServerApp thread ends
+    quietly on one; the user sees the interrupt that caused it)."""
+
+
+def stop_if_requested() -> None:
+    if stop_requested.is_set():
+        raise Interrupted
+
+
+def stoppable(grid: InMemoryGrid) -> None:
+    """Flower's send_and_receive waits up to round_timeout_s for replies that a stopped
+    simulation never sends: each of its polls now ends the wait once a stop is requested."""
+    pull = grid.pull_messages
+
+    def pull_or_stop(message_ids: Any) -> Any:
+        stop_if_requested()
+        return pull(message_ids)
+
+    grid.pull_messages = pull_or_stop
+
+
+class RunFailed(FlSimError):
+    """Training diverged: the run stops, summary.json marks it failed, and it is not resumed."""
+
+    def __init__(self, server_round: int, client: int | None, reason: str, lr: float) -> None:
+        self.failed = {"round": server_round, "client": client, "reason": reason}
+        super().__init__(
+            f"round {server_round}: {reason}: training diverged (lr {lr:g}). The run stops and "
+            f"is marked failed in summary.json, so fl-sim will not resume it; "
+            f"{rounds_kept(server_round - 1)}. Lower optimizer.lr (or warm up with "
+            "lr_schedule) and run again: another lr gives the run another name and folder.")
+
+
+def rounds_kept(saved: int) -> str:
+    return (f"rounds 1..{saved} are intact" if saved > 1 else "round 1 is intact" if saved
+            else "no round had finished before")
+
+
+def failed_before(run_dir: Path) -> dict[str, Any] | None:
+    """summary.json's `failed` record ({round, client, reason}) of a run that diverged."""
+    try:
+        return json.loads((run_dir / "summary.json").read_text()).get("failed")
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def finite_or_null(obj: Any) -> Any:
+    """`obj` with every non-finite float as None: what strict JSON can hold."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_or_null(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [finite_or_null(v) for v in obj]
+    return obj
+
+
+def check_finite(server_round: int, rows: dict[int | None, dict], arrays: ArrayRecord,
+                 lr: float) -> None:
+    """Stop a run whose training diverged: a non-finite train loss (naming the clients) or
+    non-finite weights after training (naming the first such tensor)."""
+    bad = [client for client, row in rows.items() if not math.isfinite(row["loss"])]
+    if bad:
+        first = "the pooled model" if bad[0] is None else f"client {bad[0]}"
+        others = f" (also client {', '.join(map(str, bad[1:]))})" if bad[1:] else ""
+        raise RunFailed(server_round, bad[0],
+                        f"{first}'s training loss is {rows[bad[0]]['loss']}{others}", lr)
+    for name, tensor in to_state_dict(arrays).items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise RunFailed(server_round, None, "the weights after training hold non-finite "
+                            f"values (first in {name})", lr)
 
 
 def payload_bytes(msg: Message) -> int:
@@ -48,12 +134,13 @@ def wait_for_clients(grid: Grid, needed: int, timeout: float, server_round: int)
     """Flower's samplers wait for nodes forever; fl-sim waits at most `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while (connected := len(list(grid.get_node_ids()))) < needed:
+        stop_if_requested()
         if time.monotonic() > deadline:
             raise FlSimError(
                 f"round {server_round}: only {connected} clients connected, {needed} needed "
                 f"(min_clients), after waiting {timeout:g} s (round_timeout_s). Start more "
                 "clients or lower min_clients; the rounds finished before are kept.")
-        time.sleep(1.0)
+        stop_requested.wait(1.0)
 
 
 def send_and_check(grid: Grid, messages: list[Message], kind: str, server_round: int,
@@ -191,21 +278,45 @@ class FederatedRun:
 
     # ------------------------------------------------------------------ start or resume
 
-    def _start_or_resume(self) -> tuple[ArrayRecord, Any, RunState]:
-        """Fresh weights and strategy, or those of the last completed round on disk."""
+    def _last_checkpoint(self) -> dict | None:
+        """checkpoints/last.pt of this run, None on a fresh start; refuses a run that failed
+        or one of another configuration."""
+        if failed := failed_before(self.run_dir):
+            raise FlSimError(not_resumed(self.run_dir, failed))
         last = self.run_dir / "checkpoints" / "last.pt"
-        if last.exists():
-            ckpt = torch.load(last, weights_only=False)
-            if results_config(ckpt.get("config") or {}) != results_config(self.resolved):
-                raise FlSimError(
-                    f"{self.run_dir} holds a run with another configuration; delete that folder "
-                    "or change `out`/`study` to keep both.")
+        if not last.exists():
+            return None
+        ckpt = torch.load(last, weights_only=False)
+        if results_config(ckpt.get("config") or {}) != results_config(self.resolved):
+            raise FlSimError(
+                f"{self.run_dir} holds a run with another configuration; delete that folder "
+                "or change `out`/`study` to keep both.")
+        return ckpt
+
+    def _start_or_resume(self, ckpt: dict | None) -> tuple[ArrayRecord, Any, RunState]:
+        """Fresh weights and strategy, or those of the last completed round on disk; first
+        clears what a crash may have left (see `_save`)."""
+        folder = self.run_dir / "checkpoints"
+        for tmp in (*self.run_dir.glob("*.tmp"), *folder.glob("*.tmp")):
+            tmp.unlink()
+        if ckpt is not None:
             state = RunState(**ckpt["state"])
+            last, best = folder / "last.pt", folder / "best.pt"
+            if state.best_round == state.round and not (best.exists() and best.samefile(last)):
+                self._link_best(last)  # the crash came between last.pt and best.pt
             self._keep_rows_up_to(state.round)
+            self._write_summary(state, done=False)  # it may lag the checkpoints by a round
             return ArrayRecord(ckpt["state_dict"]), pickle.loads(ckpt["strategy"]), state
-        (self.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(self.resolved, sort_keys=False))
-        self.data.write_manifest(self.run_dir / "partition.csv")
+        # A fresh start keeps nothing of an earlier one cut before its first checkpoint.
+        for stale in (*self.run_dir.glob("events.out.tfevents.*"), folder / "best.pt",
+                      self.run_dir / "summary.json"):
+            stale.unlink(missing_ok=True)
+        folder.mkdir(parents=True, exist_ok=True)
+        config = self.run_dir / "config.yaml"
+        with RunLog.writing(config):
+            config.write_text(yaml.safe_dump(self.resolved, sort_keys=False))
+        with RunLog.writing(self.run_dir / "partition.csv"):
+            self.data.write_manifest(self.run_dir / "partition.csv")
         self._keep_rows_up_to(-1)
         return *self._initial(), RunState()
 
@@ -220,24 +331,51 @@ class FederatedRun:
         if path.exists():
             rows = [r for r in read_metrics(self.run_dir) if r["round"] <= server_round]
             tmp = path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(json_line(r) for r in rows))
-            tmp.replace(path)
+            with RunLog.writing(path, tmp):
+                tmp.write_text("".join(json_line(r) for r in rows))
+                tmp.replace(path)
 
     def _save(self, arrays: ArrayRecord, strategy: Any, state: RunState, is_best: bool) -> None:
-        """checkpoints/last.pt, atomically; on a best round best.pt becomes a hard link to
-        the same file, so a large model is written once (the next round's last.pt is a new
-        file and leaves best.pt as it is)."""
+        """Round `state.round` into checkpoints/: everything is written before anything is
+        replaced, and renames commit it in an order that leaves the files consistent
+        wherever a crash comes:
+
+        1. last.pt.tmp, the whole checkpoint (a failed write removes it: nothing changed);
+        2. on a best round, best.pt.tmp: a hard link to it (a large model is written once;
+           the next round's last.pt is a new file and leaves best.pt as it is);
+        3. last.pt.tmp -> last.pt: the commit, what a resume starts from;
+        4. best.pt.tmp -> best.pt;
+        5. summary.json (execute), from the same state.
+
+        best.pt only ever holds a round that last.pt's state calls the best, and summary.json
+        never names a round before its files are in place. A crash between 3 and 4 leaves
+        best.pt, one between 4 and 5 summary.json, a round behind: a restart brings both up
+        to last.pt before anything else (`_start_or_resume`).
+        """
         folder = self.run_dir / "checkpoints"
-        tmp = folder / "last.pt.tmp"
-        torch.save({"round": state.round, "run": self.run.name, "classes": self.data.classes,
-                    "config": self.resolved, "state_dict": to_state_dict(arrays),
-                    "strategy": pickle.dumps(strategy), "state": dataclasses.asdict(state)}, tmp)
-        tmp.replace(folder / "last.pt")
+        tmp, best_tmp = folder / "last.pt.tmp", folder / "best.pt.tmp"
+        with RunLog.writing(folder / "last.pt", tmp, best_tmp):
+            # Through a Python file, a full disk raises OSError (torch's own raises RuntimeError).
+            with open(tmp, "wb") as f:
+                torch.save({"round": state.round, "run": self.run.name,
+                            "classes": self.data.classes, "config": self.resolved,
+                            "state_dict": to_state_dict(arrays), "strategy": pickle.dumps(strategy),
+                            "state": dataclasses.asdict(state)}, f)
+            if is_best:
+                os.link(tmp, best_tmp)
+            os.replace(tmp, folder / "last.pt")
+        self._saved_round, self._pending_round = state.round, None
         if is_best:
-            link = folder / "best.pt.tmp"
-            link.unlink(missing_ok=True)
-            os.link(folder / "last.pt", link)
-            link.replace(folder / "best.pt")
+            self._link_best(best_tmp)
+
+    def _link_best(self, source: Path) -> None:
+        """best.pt becomes (a hard link to) `source`, by rename."""
+        best = self.run_dir / "checkpoints" / "best.pt"
+        tmp = best.with_suffix(".pt.tmp")
+        with RunLog.writing(best, tmp):
+            if source != tmp:
+                os.link(source, tmp)
+            os.replace(tmp, best)
 
     # ------------------------------------------------------------------ steps
 
@@ -310,6 +448,7 @@ class FederatedRun:
         self.config["lr"] = lr  # the clients train this round at the schedule's rate
         log.scalar("train/lr", lr, server_round)
         arrays, rows = self._train(server_round, arrays, strategy, grid, state, phase)
+        check_finite(server_round, rows, arrays, lr)
         for client, row in rows.items():
             if client is not None:
                 log.row(server_round, "client", client, "train", row)
@@ -326,61 +465,116 @@ class FederatedRun:
     # ------------------------------------------------------------------ the loop
 
     def execute(self, grid: Grid | None = None) -> dict:
+        """All rounds not on disk yet. A diverged round stops the run (RunFailed; the run is
+        marked failed in summary.json); an error writing a file (a full disk, a read-only
+        folder) stops it with a paragraph that says what is intact, and leaves no temporary
+        file. Whatever stops it (also Ctrl-C: `stop_requested`, a failed client) takes back
+        the rows of the round it cut: a rerun resumes from the last saved round."""
         if isinstance(grid, InMemoryGrid):
             # Simulation polls its in-memory state for replies every 0.1 s by default: a
             # wasted 50 ms per exchange on average, two exchanges a round. Polling is cheap.
             grid.pull_interval = 0.01
-        arrays, strategy, state = self._start_or_resume()
-        log = RunLog(self.run_dir, purge_step=state.round + 1 if state.round else None)
+            stoppable(grid)
+        ckpt = self._last_checkpoint()
+        # The round last.pt holds, and the one being written and not saved yet (if any).
+        saved = ckpt["state"] if ckpt else {"round": 0, "stopped": None}
+        self._saved_round = saved["round"]
+        self._pending_round = (None if saved["round"] == self.cfg.rounds or saved["stopped"]
+                               else saved["round"] + 1)
+        try:
+            arrays, strategy, state = self._start_or_resume(ckpt)
+            log = RunLog(self.run_dir, purge_step=state.round + 1 if state.round else None)
+            try:
+                summary = self._rounds(arrays, strategy, state, grid, log)
+            except BaseException:
+                # metrics.jsonl keeps the saved rounds only; the error in flight is the one
+                # to report, not one of these.
+                with contextlib.suppress(OSError):
+                    if self._pending_round is not None:
+                        log.rollback()
+                with contextlib.suppress(OSError):
+                    log.close()
+                raise
+            log.close()
+            return summary
+        except OSError as err:
+            if err.errno not in WRITE_ERRORS:
+                raise
+            raise FlSimError(self._write_error(err)) from None
+
+    def _write_error(self, err: OSError) -> str:
+        """One paragraph: the file, what was not saved, what is intact, what to do."""
+        reason = err.strerror or os.strerror(err.errno)
+        what = f"{reason[:1].lower()}{reason[1:]} while writing {err.filename or self.run_dir}"
+        remedy = WRITE_ERRORS[err.errno]
+        if self._pending_round is None:
+            return (f"{what}; {rounds_kept(self._saved_round)} (checkpoints/last.pt), but not "
+                    f"every record after round {self._saved_round}: {remedy} and run the same "
+                    "command again, it completes them.")
+        return (f"{what}; round {self._pending_round} was not saved; "
+                f"{rounds_kept(self._saved_round)}. {remedy[:1].upper()}{remedy[1:]} and run "
+                f"the same command again: it resumes from round {self._pending_round}.")
+
+    def _rounds(self, arrays: ArrayRecord, strategy: Any, state: RunState, grid: Grid | None,
+                log: RunLog) -> dict:
         metric = self.cfg.selection_metric
         schedule = LRSchedule(self.cfg.lr_schedule, optimizer_kwargs(self.cfg.optimizer)["lr"],
                               self.cfg.rounds, state.schedule)
-        try:
-            if state.round == 0:
-                self._global_eval(0, arrays, log)
-            for server_round in range(state.round + 1, self.cfg.rounds + 1):
-                if state.stopped:  # early stop (also when resuming a run that stopped)
-                    break
-                t0 = time.perf_counter()
-                sent, received = state.bytes_sent, state.bytes_received
+        if state.round == 0:
+            self._global_eval(0, arrays, log)
+        for server_round in range(state.round + 1, self.cfg.rounds + 1):
+            if state.stopped:  # early stop (also when resuming a run that stopped)
+                break
+            self._pending_round = server_round
+            t0 = time.perf_counter()
+            sent, received = state.bytes_sent, state.bytes_received
+            try:
                 arrays, federated_train, federated_val, global_test = self._round(
                     server_round, arrays, strategy, grid, log, state, schedule.lr(server_round))
-                stop = schedule.after_round(federated_train["acc"], federated_val["loss"])
-                state.schedule = schedule.state()
-                if stop:
-                    state.stopped = {"round": server_round, "reason": stop}
-                score = -federated_val[metric] if metric == "loss" else federated_val[metric]
-                record = {"round": server_round, "federated_val": federated_val,
-                          "global_test": global_test}
-                state.round, state.final = server_round, record
-                is_best = score > state.best_score
-                if is_best:
-                    state.best_round, state.best_score, state.best = server_round, score, record
-                state.round_seconds.append(time.perf_counter() - t0)
-                self._save(arrays, strategy, state, is_best)
-                # The round's time includes its checkpoint (a resumed run keeps the time
-                # measured just before the write).
-                seconds = state.round_seconds[-1] = time.perf_counter() - t0
-                log.scalar("time/round_s", seconds, server_round)
-                log.scalar("comm/bytes_sent", state.bytes_sent - sent, server_round)
-                log.scalar("comm/bytes_received", state.bytes_received - received, server_round)
-                self._write_summary(state, done=False)
-                if self.on_round:
-                    self.on_round(RoundReport(server_round, self.cfg.rounds, seconds, global_test,
-                                              federated_val, state.best_round))
-            summary = self._write_summary(state, done=True)
-            log.hparams(hparams_of(self.cfg), {
-                f"hparams/{when}_{scope}_{k}": summary[when][scope][k]
-                for when in ("best", "final") for scope in ("global_test", "federated_val")
-                for k in (*HEADLINE, "avg")})
-        finally:
-            log.close()
+            except RunFailed as failure:
+                self._write_summary(state, done=False, failed=failure.failed)
+                raise
+            stop = schedule.after_round(federated_train["acc"], federated_val["loss"])
+            state.schedule = schedule.state()
+            if stop:
+                state.stopped = {"round": server_round, "reason": stop}
+            score = -federated_val[metric] if metric == "loss" else federated_val[metric]
+            record = {"round": server_round, "federated_val": federated_val,
+                      "global_test": global_test}
+            state.round, state.final = server_round, record
+            is_best = score > state.best_score  # never a NaN score
+            if is_best:
+                state.best_round, state.best_score, state.best = server_round, score, record
+            state.round_seconds.append(time.perf_counter() - t0)
+            self._save(arrays, strategy, state, is_best)
+            log.commit()
+            # The round's time includes its checkpoint (a resumed run keeps the time
+            # measured just before the write).
+            seconds = state.round_seconds[-1] = time.perf_counter() - t0
+            log.scalar("time/round_s", seconds, server_round)
+            log.scalar("comm/bytes_sent", state.bytes_sent - sent, server_round)
+            log.scalar("comm/bytes_received", state.bytes_received - received, server_round)
+            self._write_summary(state, done=False)
+            if self.on_round:
+                self.on_round(RoundReport(server_round, self.cfg.rounds, seconds, global_test,
+                                          federated_val, state.best_round))
+        self._pending_round = None  # an early stop's next round never starts
+        summary = self._write_summary(state, done=True)
+        log.hparams(hparams_of(self.cfg), {
+            f"hparams/{when}_{scope}_{k}": value
+            for when in ("best", "final") for scope in ("global_test", "federated_val")
+            for k in (*HEADLINE, "avg")
+            if (value := summary[when].get(scope, {}).get(k)) is not None})
         return summary
 
-    def _write_summary(self, state: RunState, done: bool) -> dict:
-        summary = {
+    def _write_summary(self, state: RunState, done: bool,
+                       failed: dict[str, Any] | None = None) -> dict:
+        """summary.json from `state`, strict JSON (a non-finite metric is null); `failed`:
+        {round, client, reason} of a diverged run."""
+        summary = finite_or_null({
             "run": self.run.name,
             "complete": done,
+            "failed": failed,
             "rounds": self.cfg.rounds,
             "rounds_done": state.round,
             "selection": f"federated val {self.cfg.selection_metric} (mean of clients, by n)",
@@ -391,9 +585,16 @@ class FederatedRun:
             "round_seconds": state.round_seconds,
             "bytes_sent": state.bytes_sent,
             "bytes_received": state.bytes_received,
-        }
+        })
         write_json_atomic(self.run_dir / "summary.json", summary)
         return summary
+
+
+def not_resumed(run_dir: Path, failed: dict[str, Any]) -> str:
+    """What to do about a run that failed before."""
+    return (f"{run_dir} failed in round {failed['round']} ({failed['reason']}) and is not "
+            "resumed: change the settings that made it fail (e.g. a lower optimizer.lr, which "
+            "gives the run another name and folder) or delete that folder to run it again.")
 
 
 def hparams_of(cfg: RunConfig) -> dict[str, Any]:
