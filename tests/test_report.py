@@ -290,7 +290,7 @@ def test_recipes_are_never_compared_across(tmp_path: Path):
     loaded = load_study(study)
     versus = versus_pooled(seed_table(loaded.at_best()), loaded.runs)
     text = "\n\n".join(baselines_section(loaded, versus))
-    recipe = ' [loss.name="weighted_ce"]'
+    recipe = ' [wce]'
     assert text.count("\n### ") == 1
     header, rows = md_table(text, f"### tiny0 · sgd{recipe}")
     assert [row[0] for row in rows] == [f"pooled{recipe}", f"fedavg{recipe}"]
@@ -299,7 +299,7 @@ def test_recipes_are_never_compared_across(tmp_path: Path):
         gap = statistics.mean(fed[m]) - statistics.mean(pooled[m])
         assert rows[1][header.index(f"Δ {METRIC_NAMES[m]}")] == signed(gap) == "−0.200"
     assert ("Not compared, for want of a pooled run of the same model, optimizer and recipe: "
-            'fedavg [loss.name="ce"] · tiny0 · sgd.') in text
+            'fedavg [ce] · tiny0 · sgd.') in text
 
 
 def test_study_without_pooled_runs_says_so(report: Path):
@@ -307,3 +307,17 @@ def test_study_without_pooled_runs_says_so(report: Path):
     assert section.startswith("No complete pooled run in this study. Adding "
                               "`strategy: {name: pooled}` and `{name: local}` runs to the grid")
     assert "### " not in section
+
+
+def test_recipe_tags_name_a_recipe_only_where_they_tell_recipes_apart(tmp_path: Path):
+    study = tmp_path / "tags"
+    write_run(study, STRATEGIES[0], "tiny0", 0, loss={"name": "weighted_ce"})
+    write_run(study, STRATEGIES[0], "tiny0", 0, sampler="balanced")
+    assert sorted(load_study(study).runs["strategy"]) == ["fedavg [balanced]", "fedavg [wce]"]
+    # two cosine schedules share the tag `cosine`: the settings are spelled out instead
+    study = tmp_path / "spelled"
+    for warmup in (1, 2):  # seeds tell the folders apart
+        write_run(study, STRATEGIES[0], "tiny0", warmup - 1, offset=warmup / 100,
+                  lr_schedule={"name": "cosine", "warmup_rounds": warmup})
+    assert sorted(load_study(study).runs["strategy"]) == [
+        "fedavg [lr_schedule.warmup_rounds=1]", "fedavg [lr_schedule.warmup_rounds=2]"]

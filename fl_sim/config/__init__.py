@@ -1,7 +1,7 @@
 """The study file: its schema (schema.py), its loading and grid expansion (study.py), and
 the names and labels of its runs (naming.py)."""
 
-from fl_sim.config.naming import proximal_mu, run_labels, run_name
+from fl_sim.config.naming import proximal_mu, recipe_label, run_labels, run_name
 from fl_sim.config.schema import (
     BASELINES, ClipConfig, DataConfig, GlobalTestConfig, LossConfig, LRScheduleConfig,
     ModelConfig, OptimizerConfig, PartitionConfig, ResourcesConfig, Run, RunConfig,
@@ -13,5 +13,5 @@ __all__ = [
     "BASELINES", "ClipConfig", "DataConfig", "GlobalTestConfig", "LossConfig", "LRScheduleConfig",
     "ModelConfig", "OptimizerConfig", "PartitionConfig", "ResourcesConfig", "Run", "RunConfig",
     "StrategyConfig", "StudyConfig", "expand_grid", "format_validation_error", "load_study",
-    "proximal_mu", "run_labels", "run_name",
+    "proximal_mu", "recipe_label", "run_labels", "run_name",
 ]

@@ -56,6 +56,11 @@ def recipe_parts(cfg: RunConfig) -> list[str]:
     return parts
 
 
+def recipe_label(cfg: RunConfig) -> str:
+    """The recipe in a few letters, e.g. `wce-cosine`; `ce` for the defaults."""
+    return "-".join(recipe_parts(cfg)) or "ce"
+
+
 def run_name(cfg: RunConfig) -> str:
     """Stable, readable, e.g. `fedprox-mu0.01_convnext_t_sgd_s0`, `pooled_convnext_t_sgd_wce_cosine_s0`."""
     labels = run_labels(cfg)

@@ -21,7 +21,7 @@ import pandas as pd
 import yaml
 from pydantic import ValidationError
 
-from fl_sim.config import RunConfig, format_validation_error, run_labels
+from fl_sim.config import RunConfig, format_validation_error, recipe_label, run_labels
 from fl_sim.errors import FlSimError
 from fl_sim.metrics import HEADLINE
 from fl_sim.server.run_log import read_metrics
@@ -97,7 +97,7 @@ def load_study(folder: Path) -> Study:
         reasons = "; ".join(f"{name}: {why}" for name, why in skipped)
         raise FlSimError(f"no complete run in {folder} to report on ({reasons}).")
     runs_df = pd.DataFrame(runs)
-    settings = _varying_settings(configs)
+    settings = _recipe_tags(_varying_settings(configs), configs)
     # Strategy settings (params, ...) belong to one strategy; the rest is the recipe.
     of_strategy = settings.columns.str.startswith("run_config.strategy.")
     runs_df["recipe"] = _suffixes(settings.loc[:, ~of_strategy])
@@ -193,12 +193,30 @@ def _varying_settings(configs: list[dict[str, Any]]) -> pd.DataFrame:
                  and not k.startswith(_HINT_PREFIXES) and flat[k].nunique(dropna=False) > 1]]
 
 
+# Run settings that `recipe_label` spells in a few letters (`wce-cosine`).
+_RECIPE_PREFIXES = ("run_config.loss.", "run_config.sampler", "run_config.lr_schedule.")
+
+
+def _recipe_tags(settings: pd.DataFrame, configs: list[dict[str, Any]]) -> pd.DataFrame:
+    """The varying recipe settings as one `recipe` column of short tags, where each tag
+    stands for one combination of them (else they stay spelled out, key by key)."""
+    keys = [k for k in settings.columns if k.startswith(_RECIPE_PREFIXES)]
+    if not keys:
+        return settings
+    tags = pd.Series([recipe_label(RunConfig.model_validate(c["run_config"])) for c in configs],
+                     index=settings.index)
+    combinations = settings[keys].astype(str).agg("|".join, axis=1)
+    if combinations.groupby(tags).nunique().max() > 1:
+        return settings
+    return settings.drop(columns=keys).assign(recipe=tags)
+
+
 def _suffixes(settings: pd.DataFrame) -> list[str]:
-    """' [key=value, ...]' per run; '' where no key varies."""
+    """' [key=value, ...]' per run (the recipe tag alone); '' where no key varies."""
     keys = list(settings.columns)
-    return ["" if not keys else
-            " [" + ", ".join(f"{k.removeprefix('run_config.')}={row[k]}" for k in keys) + "]"
-            for _, row in settings.iterrows()]
+    return ["" if not keys else " [" + ", ".join(
+        str(row[k]) if k == "recipe" else f"{k.removeprefix('run_config.')}={row[k]}"
+        for k in keys) + "]" for _, row in settings.iterrows()]
 
 
 def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
