@@ -1,14 +1,14 @@
 """fl-sim's ArrayRecord helpers give exactly what Flower's do, with fewer copies."""
 
+import subprocess
+import sys
+
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, MetricRecord, RecordDict
-from flwr.serverapp.strategy import fedavg
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from fl_sim.arrays import to_state_dict, weighted_mean
-from fl_sim.config import StrategyConfig
-from fl_sim.strategies import build_strategy
 
 TENSORS = {
     "matrix": torch.randn(3, 4),
@@ -48,7 +48,9 @@ def test_weighted_mean_equals_flowers_aggregation():
     np.testing.assert_allclose(ours["n"].numpy(), 0.1 * 10 + 0.3 * 20 + 0.6 * 30)
 
 
-def test_strategies_aggregate_with_weighted_mean(monkeypatch):
-    monkeypatch.setattr(fedavg, "aggregate_arrayrecords", aggregate_arrayrecords)
-    build_strategy(StrategyConfig(name="fedadam"), num_clients=3)
-    assert fedavg.aggregate_arrayrecords is weighted_mean
+def test_the_fedavg_family_averages_with_weighted_mean_without_building_a_strategy():
+    """A resumed run unpickles its strategy: importing the server loop must be enough."""
+    code = ("import fl_sim.server.loop; from flwr.serverapp.strategy import fedavg; "
+            "from fl_sim.arrays import weighted_mean; "
+            "assert fedavg.aggregate_arrayrecords is weighted_mean")
+    subprocess.run([sys.executable, "-c", code], check=True)

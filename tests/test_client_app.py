@@ -58,3 +58,30 @@ def test_train_reply_of_a_local_data_node(study_data, monkeypatch, lr):
     # It trained, unless the server's rate for the round was 0.
     assert any(not torch.equal(before[k], after[k]) for k in before) == (lr is None)
     assert np.isfinite(metrics["train_loss"])
+
+
+def test_a_node_whose_partition_differs_from_the_servers_refuses(study_data, monkeypatch):
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    data = prepare_data(study_data, progress=False)
+    other = prepare_data(DataConfig.model_validate(
+        {**study_data.model_dump(), "synthetic": {"num_images": 280}}), progress=False)
+    assert data.digest == prepare_data(study_data, progress=False).digest != other.digest
+    run = RunConfig.model_validate({"model": {"name": "test_convnext"}, "optimizer": {"name": "adamw"}})
+    model, _ = build_model(run, data.class_names, 32)
+
+    def message(digest):
+        return Message(RecordDict({"arrays": ArrayRecord(model.state_dict()), "config": ConfigRecord({
+            "data-config": study_data.model_dump_json(), "run-config": run.model_dump_json(),
+            "server-round": 1, "partition-digest": digest})}), dst_node_id=0, message_type="train")
+
+    shared = Context(run_id=1, node_id=0, node_config={"partition-id": 2}, state=RecordDict(),
+                     run_config={})
+    with pytest.raises(RuntimeError, match="client 2: RuntimeError: this node's partition of its "
+                       f"data copy .* differs from the server's .*server {other.digest}"):
+        train(message(other.digest), shared)
+    assert train(message(data.digest), shared).content["metrics"]["partition-id"] == 2
+    own = Context(run_id=1, node_id=0, node_config={"partition-id": 2, "local-data": True},
+                  state=RecordDict(), run_config={})
+    train(message(other.digest), own)  # its own data: nothing to compare

@@ -16,6 +16,7 @@ from flwr.clientapp import ClientApp
 from fl_sim.arrays import to_state_dict
 from fl_sim.client.train import train_local
 from fl_sim.config import DataConfig, GlobalTestConfig, PartitionConfig, RunConfig
+from fl_sim.data_partition import FederatedData
 from fl_sim.evaluation import evaluate_splits
 from fl_sim.task import client_rng, load_data, load_model
 
@@ -43,13 +44,28 @@ def node_data_config(study_data: DataConfig, node_config: dict) -> tuple[DataCon
     cfg = study_data.model_copy(deep=True)
     if "data-root" in node_config:
         cfg.root = str(node_config["data-root"])
-    if str(node_config.get("local-data", "false")).lower() in ("true", "1"):
+    if is_local_data(node_config):
         cfg.partition = PartitionConfig(method="random", num_clients=1, seed=cfg.partition.seed,
                                         splits=cfg.partition.splits)
         cfg.global_test = GlobalTestConfig(source="none")
         cfg.max_images = None
         return cfg, 0
     return cfg, int(node_config["partition-id"])
+
+
+def is_local_data(node_config: dict) -> bool:
+    return str(node_config.get("local-data", "false")).lower() in ("true", "1")
+
+
+def check_partition(data: FederatedData, server_digest: str, cfg: DataConfig) -> None:
+    """A node that partitions its own copy of the dataset must get the server's partition:
+    else it could train on images the server holds out as its test set."""
+    if data.digest != server_digest:
+        raise RuntimeError(
+            f"this node's partition of its data copy ({cfg.root}) differs from the server's "
+            f"(digest {data.digest}, server {server_digest}): another metadata file, other "
+            "images or other data settings. Give the node the server's copy of the dataset "
+            "(--data-root), or run it with its own data only (--local-data).")
 
 
 def _setup(msg: Message, context: Context):
@@ -59,6 +75,8 @@ def _setup(msg: Message, context: Context):
     run_json = str(config["run-config"])
     run_cfg = RunConfig.model_validate_json(run_json)
     data = load_data(data_cfg.model_dump_json())
+    if not is_local_data(context.node_config):
+        check_partition(data, str(config.get("partition-digest", data.digest)), data_cfg)
     model, preprocess = load_model(run_json, tuple(data.class_names), data.images.shape[1])
     model.load_state_dict(to_state_dict(msg.content["arrays"]), strict=True)
     # `partition` indexes this node's data; the client id it reports is its partition-id.

@@ -14,6 +14,8 @@ The pipeline, the same for every dataset:
 
 from __future__ import annotations
 
+import functools
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -55,6 +57,13 @@ class FederatedData:
     class_names: list[str]  # readable names, same order
     manifest: pd.DataFrame  # image_id, lesion_id, label, client ("0".. or "global"), split, site
     num_clients: int
+
+    @functools.cached_property
+    def digest(self) -> str:
+        """A fingerprint of who holds what (image id, client, split): a SuperNode that
+        partitions its own copy of the data checks it against the server's."""
+        held = self.manifest[["image_id", "client", "split"]].to_csv(index=False)
+        return hashlib.sha256(held.encode()).hexdigest()[:16]
 
     def indices(self, client: int | str, split: str) -> np.ndarray:
         """Sorted row indices of one client's split; ("global", "test") is the global test set."""

@@ -262,7 +262,8 @@ class FederatedRun:
         self.num_classes = len(self.data.classes)
         self.model, self.preprocess = build_model(self.cfg, self.data.class_names,
                                                  self.data.images.shape[1])
-        self.config = ConfigRecord({"data-config": data_json,
+        # The digest lets a SuperNode check that its copy of the data splits as ours does.
+        self.config = ConfigRecord({"data-config": data_json, "partition-digest": self.data.digest,
                                     "run-config": self.cfg.model_dump_json()})
         if len(self.data.indices("global", "test")) == 0:
             raise FlSimError("the server has no global test set (data.global_test.source: none "

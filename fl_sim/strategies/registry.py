@@ -22,6 +22,10 @@ STRATEGIES: dict[str, type[fl.FedAvg]] = {
     "krum": fl.Krum,
 }
 
+# At import, not when a strategy is built: a resumed run unpickles its strategy and must
+# aggregate as before the interruption (also in a ServerApp process that builds none).
+use_weighted_mean()
+
 # Set by fl-sim itself, so not accepted in `strategy.params`.
 _MANAGED = {
     "fraction_train", "fraction_evaluate", "min_train_nodes", "min_evaluate_nodes",
@@ -38,7 +42,6 @@ def strategy_params(name: str) -> set[str]:
 def build_strategy(cfg: StrategyConfig, num_clients: int, min_clients: int | None = None) -> fl.FedAvg:
     """A strategy that samples every client each round and waits for `min_clients` of them;
     the FedAvg family averages with fl-sim's `weighted_mean`."""
-    use_weighted_mean()
     unknown = set(cfg.params) - strategy_params(cfg.name)
     if unknown:
         raise FlSimError(
