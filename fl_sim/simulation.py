@@ -22,8 +22,8 @@ from fl_sim.data_partition import prepare_data
 from fl_sim.errors import FlSimError
 from fl_sim.models import timm_name
 from fl_sim.server.baselines import BASELINE_RUNS
-from fl_sim.server.loop import (Interrupted, RoundReport, RunFailed, failed_before,
-                                stop_requested)
+from fl_sim.server.failures import Interrupted, RunFailed, failed_before, stop_requested
+from fl_sim.server.loop import RoundReport
 from fl_sim.server.server_app import make_server_app
 from fl_sim.strategies import build_strategy
 

@@ -28,7 +28,7 @@ from fl_sim.cli import main
 from fl_sim.config import StudyConfig, expand_grid
 from fl_sim.errors import FlSimError
 from fl_sim.server.baselines import BASELINE_RUNS
-from fl_sim.server.loop import RunFailed, check_finite
+from fl_sim.server.failures import RunFailed, check_finite
 from fl_sim.server.run_log import RunLog, write_json_atomic
 from fl_sim.simulation import run_study
 
