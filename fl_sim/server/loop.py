@@ -442,6 +442,7 @@ class FederatedRun:
                               self.cfg.rounds, state.schedule)
         if state.round == 0:
             self._global_eval(0, arrays, log)
+            log.commit()  # round 0 (the initial model) stays, whatever stops round 1
         for server_round in range(state.round + 1, self.cfg.rounds + 1):
             if state.stopped:  # early stop (also when resuming a run that stopped)
                 break
