@@ -107,7 +107,8 @@ def test_a_diverged_run_stops_naming_client_and_round_and_is_never_resumed(tmp_p
     assert summary["best"] == {} and summary["final"] == {}
     assert not (run_dir / "checkpoints" / "last.pt").exists()
     assert not (run_dir / "checkpoints" / "best.pt").exists()
-    assert rows(run_dir) == []  # no round was saved
+    # No round was saved: only round 0's rows (the initial model), none of the cut round.
+    assert {r["round"] for r in rows(run_dir)} == {0}
     assert leftovers(run_dir) == []
 
     # Run again: skipped, saying why and what to do; nothing changes on disk.
