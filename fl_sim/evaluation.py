@@ -50,12 +50,11 @@ def evaluate(
     return classification_metrics(labels[indices], y_pred, num_classes, loss=loss)
 
 
-def evaluate_splits(model: nn.Module, data: FederatedData, partition: int | str,
-                    preprocess: BatchPreprocessor, batch_size: int,
-                    splits: tuple[str, ...] = ("val", "test")) -> dict[str, float]:
-    """`evaluate` on each of a partition's splits, keys prefixed (`val_acc`, `test_n`, ...)."""
+def evaluate_splits(model: nn.Module, data: FederatedData, partition: int,
+                    preprocess: BatchPreprocessor, batch_size: int) -> dict[str, float]:
+    """`evaluate` on a client's val and test splits, keys prefixed (`val_acc`, `test_n`, ...)."""
     metrics = {}
-    for split in splits:
+    for split in ("val", "test"):
         result = evaluate(model, data.images, data.labels, data.indices(partition, split),
                           preprocess, batch_size, len(data.classes))
         metrics.update({f"{split}_{k}": v for k, v in result.items()})

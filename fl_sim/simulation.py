@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import logging
 import os
 import signal
@@ -24,6 +23,7 @@ from fl_sim.models import timm_name
 from fl_sim.server.baselines import BASELINE_RUNS
 from fl_sim.server.failures import Interrupted, RunFailed, failed_before, stop_requested
 from fl_sim.server.loop import RoundReport
+from fl_sim.server.run_log import read_summary
 from fl_sim.server.server_app import make_server_app
 from fl_sim.strategies import build_strategy
 
@@ -38,10 +38,7 @@ def quiet_flower(verbose: bool) -> None:
 
 
 def is_complete(run_dir: Path) -> bool:
-    try:
-        return json.loads((run_dir / "summary.json").read_text()).get("complete", False)
-    except (FileNotFoundError, json.JSONDecodeError):
-        return False
+    return read_summary(run_dir).get("complete", False)
 
 
 def check_runs(runs: list[Run], num_clients: int) -> None:
@@ -212,7 +209,7 @@ def _run_all(study: StudyConfig, runs: list[Run], num_clients: int, console: Con
         if not is_complete(run_dir):
             raise FlSimError(f"run {run.name} ended without finishing; see the log above and "
                              f"{run_dir}/metrics.jsonl for the rounds it completed.")
-        stopped = json.loads((run_dir / "summary.json").read_text()).get("stopped")
+        stopped = read_summary(run_dir).get("stopped")
         console.print(f"  {run.name} done in {time.perf_counter() - start:.0f} s"
                       + (f"; stopped after round {stopped['round']}: {stopped['reason']}"
                          if stopped else ""), highlight=False, soft_wrap=True)

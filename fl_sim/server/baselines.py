@@ -22,7 +22,7 @@ from torch import nn
 
 from fl_sim.arrays import to_state_dict
 from fl_sim.client.train import train_local
-from fl_sim.evaluation import evaluate_splits
+from fl_sim.evaluation import evaluate, evaluate_splits
 from fl_sim.server.loop import FederatedRun, PhaseTimer, RunState, train_row
 from fl_sim.server.run_log import RunLog
 from fl_sim.task import client_rng
@@ -119,9 +119,9 @@ class LocalRun(BaselineRun):
         rows = []
         for c in self.clients:
             self._load(arrays, c)
-            metrics = evaluate_splits(self.model, self.data, "global", self.preprocess,
-                                      self.cfg.eval_batch_size, splits=("test",))
-            rows.append({k.removeprefix("test_"): v for k, v in metrics.items()})
+            rows.append(evaluate(self.model, self.data.images, self.data.labels,
+                                 self.data.indices("global", "test"), self.preprocess,
+                                 self.cfg.eval_batch_size, len(self.data.classes)))
             log.row(server_round, "client", c, "global_test", rows[-1])
         # The same test set for every model: an unweighted mean over the clients.
         mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k != "n"}

@@ -7,7 +7,6 @@ failed in summary.json and never resumed as if unfinished.
 from __future__ import annotations
 
 import errno
-import json
 import math
 import threading
 from pathlib import Path
@@ -19,6 +18,7 @@ from flwr.superlink.grid import InMemoryGrid
 
 from fl_sim.arrays import to_state_dict
 from fl_sim.errors import FlSimError
+from fl_sim.server.run_log import read_summary
 
 # Write errors that stop a run with a paragraph (not a traceback), and what to do about each.
 WRITE_ERRORS = {errno.ENOSPC: "free some space", errno.EDQUOT: "free some space or raise the quota",
@@ -70,10 +70,7 @@ def rounds_kept(saved: int) -> str:
 
 def failed_before(run_dir: Path) -> dict[str, Any] | None:
     """summary.json's `failed` record ({round, client, reason}) of a run that diverged."""
-    try:
-        return json.loads((run_dir / "summary.json").read_text()).get("failed")
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
+    return read_summary(run_dir).get("failed")
 
 
 def finite_or_null(obj: Any) -> Any:

@@ -182,6 +182,14 @@ def write_json_atomic(path: Path, obj: Any) -> None:
         os.replace(tmp, path)
 
 
+def read_summary(run_dir: Path) -> dict[str, Any]:
+    """A run's summary.json; {} where there is none yet or it cannot be read."""
+    try:
+        return json.loads((run_dir / "summary.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
 def read_metrics(run_dir: Path, on_torn: Callable[[int], None] | None = None
                  ) -> list[dict[str, Any]]:
     """The complete rows of a run's metrics.jsonl.
