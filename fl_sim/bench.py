@@ -168,6 +168,9 @@ def bench_overhead(rounds: int, clients: int, epochs: int, image_size: int, num_
         Row(f"FL overhead: steady round ({work})", f"{steady:.2f} s", f"{plain:.2f} s (plain loop)",
             f"{steady / plain:.2f}x",
             f"{verdict(steady / plain <= 1.10, 'target <= 1.10x')}; both train, evaluate val/test/global"),
+        Row("FL overhead: fixed cost per round", f"{steady - plain:.2f} s", "-", "-",
+            f"{verdict(steady - plain <= 0.1, 'target <= 0.1 s')}; steady round less the plain "
+            "loop's"),
         Row("FL overhead: start-up", f"{startup:.1f} s", "-", "-",
             "Ray init, actors, model builds, round-0 global eval"),
     ]
@@ -241,8 +244,16 @@ def bench_communication(model_name: str, clients: int, repeats: int = 1) -> list
     ]
 
 
-def run_bench(quick: bool, ham_root: Path, output: Path | None, console: Console) -> list[Row]:
-    if quick:
+def run_bench(quick: bool, ham_root: Path, output: Path | None, console: Console,
+              latency: bool = False) -> list[Row]:
+    if latency:
+        from fl_sim.bench_latency import bench_deployed_round, bench_startup_per_run
+
+        items = [lambda: bench_deployed_round(rounds=3),
+                 lambda: bench_startup_per_run(runs=4),
+                 lambda: bench_overhead(rounds=6, clients=3, epochs=1, image_size=32,
+                                        num_images=1400, model="test_convnext")]
+    elif quick:
         items = [lambda: bench_data(ham_root, sizes=[64], batches=10),
                  lambda: bench_overhead(rounds=3, clients=3, epochs=1, image_size=32, num_images=600,
                                         model="test_convnext"),
@@ -252,21 +263,22 @@ def run_bench(quick: bool, ham_root: Path, output: Path | None, console: Console
                  lambda: bench_overhead(rounds=5, clients=3, epochs=2, image_size=64, num_images=1400,
                                         model="resnet18"),
                  lambda: bench_communication("convnext_large", clients=3, repeats=3)]
+    title = "fl-sim bench" + (" --latency" if latency else " --quick" if quick else "")
     rows: list[Row] = []
     try:
         for item in items:
             rows += item()
     except BaseException:
         if rows:  # a later item failed (or Ctrl-C): keep what was measured before it
-            _publish(rows, quick, False, output, console)
+            _publish(rows, title, False, output, console)
         raise
-    _publish(rows, quick, True, output, console)
+    _publish(rows, title, True, output, console)
     return rows
 
 
-def _publish(rows: list[Row], quick: bool, complete: bool, output: Path | None,
+def _publish(rows: list[Row], title: str, complete: bool, output: Path | None,
              console: Console) -> None:
-    table = Table(title=f"fl-sim bench{' --quick' if quick else ''}{'' if complete else ' (incomplete)'}")
+    table = Table(title=f"{title}{'' if complete else ' (incomplete)'}")
     for col in ("item", "fl-sim", "reference", "ratio", "note"):
         table.add_column(col)
     for r in rows:
@@ -274,15 +286,15 @@ def _publish(rows: list[Row], quick: bool, complete: bool, output: Path | None,
     console.print(table)
     if output is not None:
         with open(output, "a", encoding="utf-8") as f:
-            f.write(markdown(rows, quick, complete))
+            f.write(markdown(rows, title, complete))
         console.print(f"appended to {output}")
 
 
-def markdown(rows: list[Row], quick: bool, complete: bool) -> str:
+def markdown(rows: list[Row], title: str, complete: bool) -> str:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else (
         f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
     lines = [
-        (f"\n## fl-sim bench{' --quick' if quick else ''}, {date.today().isoformat()}"
+        (f"\n## {title}, {date.today().isoformat()}"
          f"{'' if complete else ' (incomplete: a later item failed)'}\n"),
         (f"Device: {device}. Python {platform.python_version()}, torch {torch.__version__}, "
          f"flwr {flwr.__version__}, timm {timm.__version__}.\n"),

@@ -36,6 +36,9 @@ def parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="fl-sim against the plain PyTorch loop and the hardware")
     bench.add_argument("--quick", action="store_true", help="small sizes: under 2 minutes on 2 cores")
+    bench.add_argument("--latency", action="store_true",
+                       help="a deployed round (loopback SuperLink, 3 SuperNodes) against a "
+                            "simulated one, start-up per run, fixed cost per round")
     bench.add_argument("--ham-root", default="../shared/data/HAM10000-200x150",
                        help="a HAM10000 copy for the data row (JPEGs)")
     bench.add_argument("--output", default="BENCHMARKS.md", help="file the table is appended to")
@@ -108,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
             from fl_sim.bench import run_bench
 
             run_bench(args.quick, Path(args.ham_root), None if args.no_write else Path(args.output),
-                      console)
+                      console, latency=args.latency)
         elif args.command == "deploy":
             return run_deploy(args)
         elif args.command == "data":

@@ -162,76 +162,113 @@ def run_study(study: StudyConfig, runs: list[Run], console: Console | None = Non
         return _run_all(study, runs, data.num_clients, console, verbose, stop)
 
 
-def _run_all(study: StudyConfig, runs: list[Run], num_clients: int, console: Console,
-             verbose: bool, stop: SignalStop) -> list[Path]:
-    done, failed = [], []
-    todo = [r for r in runs if not is_complete(r.dir(study)) and not failed_before(r.dir(study))]
-    eta = Eta(len(todo))
-    for i, run in enumerate(runs, 1):
-        run_dir = run.dir(study)
+class StudyProgress:
+    """A study's runs as the console shows them, and what became of each: the progress
+    lines, the ETA, and the runs that failed (a diverged run does not stop the study)."""
+
+    def __init__(self, study: StudyConfig, runs: list[Run], num_clients: int,
+                 console: Console) -> None:
+        self.study, self.runs, self.num_clients, self.console = study, runs, num_clients, console
+        self.failed: list[str] = []
+        self.todo = [r for r in runs if self._still_to_run(r)]
+        self.eta = Eta(len(self.todo))
+
+    def _number(self, run: Run) -> str:
+        return f"[{self.runs.index(run) + 1}/{len(self.runs)}] {run.name}"
+
+    def _still_to_run(self, run: Run) -> bool:
+        """False (and says so) for a run that finished or failed before."""
+        run_dir = run.dir(self.study)
         if is_complete(run_dir):
-            console.print(f"[{i}/{len(runs)}] {run.name}: finished before, skipped")
-            done.append(run_dir)
-            continue
+            self.console.print(f"{self._number(run)}: finished before, skipped")
+            return False
         if failure := failed_before(run_dir):
-            console.print(f"[{i}/{len(runs)}] {run.name}: failed before, in round "
-                          f"{failure['round']} ({failure['reason']}), skipped",
-                          highlight=False, soft_wrap=True)
-            failed.append(f"{run.name}: round {failure['round']}, {failure['reason']}")
-            continue
-        baseline = run.config.strategy.name in BASELINES
-        how = "trained in this process, no Flower" if baseline else "round 1 includes Ray start-up"
-        console.print(f"[{i}/{len(runs)}] {run.name}: {num_clients} clients, "
-                      f"{run.config.rounds} rounds -> {run_dir}  ({how})",
-                      highlight=False, soft_wrap=True)
+            self.console.print(f"{self._number(run)}: failed before, in round "
+                               f"{failure['round']} ({failure['reason']}), skipped",
+                               highlight=False, soft_wrap=True)
+            self.failed.append(f"{run.name}: round {failure['round']}, {failure['reason']}")
+            return False
+        return True
+
+    def execute(self, run: Run, body: Callable[[Callable[[RoundReport], None]], object]) -> None:
+        """`body(on_round)` trains the run; a RunFailed is noted and the study carries on."""
+        run_dir = run.dir(self.study)
+        how = ("trained in this process, no Flower" if run.config.strategy.name in BASELINES
+               else "in Flower's Simulation Engine")
+        self.console.print(f"{self._number(run)}: {self.num_clients} clients, "
+                           f"{run.config.rounds} rounds -> {run_dir}  ({how})",
+                           highlight=False, soft_wrap=True)
         start = time.perf_counter()
-        eta.start_run()
+        self.eta.start_run()
 
         def on_round(r: RoundReport) -> None:
             g, metric = r.global_test, run.config.selection_metric
-            console.print(
+            self.console.print(
                 f"  round {r.server_round}/{r.rounds}  {r.seconds:5.1f} s  global test "
                 f"acc {g['acc']:.3f} bacc {g['bacc']:.3f} avg {g['avg']:.3f} | val {metric} "
-                f"{r.federated_val[metric]:.3f} (best round {r.best_round})  {eta.add(r)}",
+                f"{r.federated_val[metric]:.3f} (best round {r.best_round})  {self.eta.add(r)}",
                 highlight=False, soft_wrap=True)
 
         try:
-            if baseline:
-                BASELINE_RUNS[run.config.strategy.name](study, run, run_dir,
-                                                        on_round=on_round).execute()
-            else:
-                _simulate(study, run, num_clients, on_round, verbose, stop)
+            body(on_round)
         except RunFailed as err:
-            console.print(f"  {run.name} failed: {err}", highlight=False, soft_wrap=True)
-            failed.append(f"{run.name}: round {err.failed['round']}, {err.failed['reason']}")
-            eta.runs_left -= 1
-            continue
+            self.console.print(f"  {run.name} failed: {err}", highlight=False, soft_wrap=True)
+            self.failed.append(f"{run.name}: round {err.failed['round']}, {err.failed['reason']}")
+            self.eta.runs_left -= 1
+            return
         if not is_complete(run_dir):
             raise FlSimError(f"run {run.name} ended without finishing; see the log above and "
                              f"{run_dir}/metrics.jsonl for the rounds it completed.")
         stopped = read_summary(run_dir).get("stopped")
-        console.print(f"  {run.name} done in {time.perf_counter() - start:.0f} s"
-                      + (f"; stopped after round {stopped['round']}: {stopped['reason']}"
-                         if stopped else ""), highlight=False, soft_wrap=True)
-        eta.runs_left -= 1
-        done.append(run_dir)
-    if failed:
-        raise FlSimError(
-            f"{len(failed)} of {len(runs)} runs failed: training diverged, so each is marked "
-            f"failed in its summary.json, not resumed and never ranked: {'; '.join(failed)}. "
-            "To run one again, change the settings that made it fail (e.g. a lower "
-            "optimizer.lr, which gives the run another name and folder) or delete its folder "
-            f"under {Path(study.out) / study.study}.")
-    return done
+        self.console.print(f"  {run.name} done in {time.perf_counter() - start:.0f} s"
+                           + (f"; stopped after round {stopped['round']}: {stopped['reason']}"
+                              if stopped else ""), highlight=False, soft_wrap=True)
+        self.eta.runs_left -= 1
+
+    def raise_if_failed(self) -> None:
+        if self.failed:
+            raise FlSimError(
+                f"{len(self.failed)} of {len(self.runs)} runs failed: training diverged, so each "
+                "is marked failed in its summary.json, not resumed and never ranked: "
+                f"{'; '.join(self.failed)}. To run one again, change the settings that made it "
+                "fail (e.g. a lower optimizer.lr, which gives the run another name and folder) "
+                f"or delete its folder under {Path(self.study.out) / self.study.study}.")
 
 
-def _simulate(study: StudyConfig, run: Run, num_clients: int,
-              on_round: Callable[[RoundReport], None], verbose: bool, stop: SignalStop) -> None:
-    """One federated run in Flower's Simulation Engine on Ray."""
+def simulation_groups(runs: list[Run]) -> list[list[Run]]:
+    """The runs in the order they execute: the baselines (in this process) first, then the
+    federated runs, one group per set of client resources. Each group is one simulation,
+    so its runs share one Ray start and one set of warm client actors."""
+    groups: dict[tuple, list[Run]] = {}
+    for run in runs:
+        r = run.config.resources
+        key = ("baseline",) if run.config.strategy.name in BASELINES else (r.num_cpus, r.num_gpus)
+        groups.setdefault(key, []).append(run)
+    return sorted(groups.values(), key=lambda g: g[0].config.strategy.name not in BASELINES)
+
+
+def _run_all(study: StudyConfig, runs: list[Run], num_clients: int, console: Console,
+             verbose: bool, stop: SignalStop) -> list[Path]:
+    progress = StudyProgress(study, runs, num_clients, console)
+    for group in simulation_groups(progress.todo):
+        if group[0].config.strategy.name in BASELINES:
+            for run in group:
+                progress.execute(run, lambda on_round, run=run: BASELINE_RUNS[
+                    run.config.strategy.name](study, run, run.dir(study), on_round=on_round).execute())
+        else:
+            _simulate(study, group, num_clients, progress, verbose, stop)
+    progress.raise_if_failed()
+    return [run.dir(study) for run in runs if is_complete(run.dir(study))]
+
+
+def _simulate(study: StudyConfig, runs: list[Run], num_clients: int, progress: StudyProgress,
+              verbose: bool, stop: SignalStop) -> None:
+    """Federated runs with the same client resources in one Flower Simulation Engine on one
+    Ray: started once, its client actors stay warm (imports, data, model) from run to run."""
     import ray  # keep `--dry-run` fast
     from flwr.simulation import run_simulation
 
-    resources = run.config.resources
+    resources = runs[0].config.resources
     cluster = _ray_address()
     cores = None if cluster else local_cores()
     cpus = client_cpus(resources.num_cpus, num_clients, cores)
@@ -248,7 +285,7 @@ def _simulate(study: StudyConfig, run: Run, num_clients: int,
                  **init_args)
         signal.signal(signal.SIGTERM, handler)
         run_simulation(
-            server_app=make_server_app(study, run, on_round),
+            server_app=make_server_app(study, runs, progress.execute),
             client_app=_client_app(),
             num_supernodes=num_clients,
             backend_config={"client_resources": {"num_cpus": cpus,

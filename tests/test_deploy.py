@@ -1,8 +1,9 @@
 """`fl-sim deploy`: a real flower-superlink and flower-supernodes on 127.0.0.1 over gRPC.
 
-The slow tests start real processes (each message starts a `flwr-clientapp`, nodes poll every
-3 s, a dead node is noticed after Flower's 2 x 30 s heartbeat), on free ports, with a private
-FLWR_HOME; the `federation` fixture stops every process they start, also on failure.
+The slow tests start real processes (a SuperNode and its warm worker per client, or Flower's
+`flwr-clientapp` per message with `--no-worker`; a dead node is noticed after Flower's
+2 x 30 s heartbeat), on free ports, with a private FLWR_HOME; the `federation` fixture stops
+every process they start, also on failure.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 
+from fl_sim.cli import main as cli_main
 from fl_sim.deploy import certs, cli, processes
 from fl_sim.errors import FlSimError
 
@@ -221,11 +223,24 @@ def test_insecure_federation_runs_two_rounds_over_grpc(federation, tmp_path, cap
     [run_dir] = (tmp_path / "out" / "deploy").iterdir()
     assert client_rows(run_dir) == {(r, c, s) for r in (1, 2) for c in range(3) for s in SPLITS}
     assert {r["round"] for r in rows(run_dir) if r["scope"] == "global"} == {0, 1, 2}
-    assert json.loads((run_dir / "summary.json").read_text())["complete"]
+    deployed = json.loads((run_dir / "summary.json").read_text())
+    assert deployed["complete"]
     assert list(run_dir.glob("events.out.tfevents.*"))
     assert (run_dir / "checkpoints/best.pt").exists()
     fed.assert_nodes_used_the_grpc_fleet_api()
     assert f"insecure channel to {fed.fleet}" in fed.log("supernode-0")
+    for i in range(3):  # each node's warm worker ran its tasks: no process per message
+        assert "Start `flwr-clientapp` process" not in fed.log(f"supernode-{i}")
+        assert "fl-sim worker ready for" in fed.log(f"supernode-{i}-worker")
+        assert "Traceback" not in fed.log(f"supernode-{i}-worker")
+
+    # The same run simulated gives the same numbers, to the last digit.
+    simulated = write_study(tmp_path / "sim.yaml", tmp_path / "sim", rounds=2)
+    assert cli_main(["run", str(simulated)]) == 0
+    summary = json.loads((tmp_path / "sim/deploy" / run_dir.name / "summary.json").read_text())
+    for when in ("final", "best"):
+        assert summary[when] == deployed[when]
+    assert summary["bytes_sent"] == deployed["bytes_sent"]  # the packed wire counts as unpacked
 
 
 @pytest.mark.slow
@@ -244,8 +259,9 @@ def test_tls_with_node_authentication_refuses_an_unregistered_node(federation, t
     assert fed.supernode(0, "--ca", other_ca, "--key", keys[0][0]) == 2
     assert "CERTIFICATE_VERIFY_FAILED" in fed.log("supernode-0")
 
-    for i in range(3):
-        assert fed.supernode(i, "--ca", ca, "--key", keys[i][0]) == 0
+    for i in range(3):  # node 2 as Flower runs it: a flwr-clientapp process per message
+        assert fed.supernode(i, "--ca", ca, "--key", keys[i][0],
+                             *(["--no-worker"] if i == 2 else [])) == 0
     study = write_study(tmp_path / "s.yaml", tmp_path / "out", rounds=2)
     run_id, _ = cli.submit_run(study)
     assert cli.wait_finished(run_id, timeout=600)[0] == "finished:completed"
@@ -254,6 +270,8 @@ def test_tls_with_node_authentication_refuses_an_unregistered_node(federation, t
     assert client_rows(run_dir) == {(r, c, s) for r in (1, 2) for c in range(3) for s in SPLITS}
     fed.assert_nodes_used_the_grpc_fleet_api()
     assert "insecure" not in fed.log("supernode-0") + fed.log("superlink")
+    assert "Start `flwr-clientapp` process" in fed.log("supernode-2")
+    assert not (processes.state_dir() / "supernode-2-worker.pid").exists()
 
 
 def start_and_kill_one_node(fed: Federation, study: Path) -> tuple[int, float]:
@@ -261,11 +279,15 @@ def start_and_kill_one_node(fed: Federation, study: Path) -> tuple[int, float]:
     fed.superlink("--insecure")
     for i in range(3):
         assert fed.supernode(i, "--insecure") == 0
-    victim = fed.pid("supernode-2")
+    victim, worker = fed.pid("supernode-2"), fed.pid("supernode-2-worker")
     run_id, _ = cli.submit_run(study)
     wait_for_line(processes.state_dir() / "supernode-2.log", "Received successfully", 300)
     kill_hard(victim)
-    return run_id, time.monotonic()
+    killed_at = time.monotonic()
+    while processes.is_alive(worker):  # its worker leaves with it
+        assert time.monotonic() - killed_at < 10, "the worker outlived its SuperNode"
+        time.sleep(0.2)
+    return run_id, killed_at
 
 
 @pytest.mark.slow

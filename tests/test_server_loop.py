@@ -27,16 +27,21 @@ class FakeGrid:
     def get_node_ids(self):
         return self.nodes
 
-    def send_and_receive(self, messages, timeout):
+    def push_messages(self, messages):
+        self.replies = {}
         for i, m in enumerate(messages):
             m.metadata.__dict__["_message_id"] = f"m{i}"  # as a real grid does when it pushes
             node = m.metadata.dst_node_id
-            if node in self.silent:
-                continue
             if node in self.fail:
-                yield Message(Error(code=1, reason="RuntimeError: broken image"), reply_to=m)
-            else:
-                yield Message(RecordDict({"metrics": MetricRecord({"partition-id": node})}), reply_to=m)
+                self.replies[f"m{i}"] = Message(Error(code=1, reason="RuntimeError: broken image"),
+                                                reply_to=m)
+            elif node not in self.silent:
+                self.replies[f"m{i}"] = Message(
+                    RecordDict({"metrics": MetricRecord({"partition-id": node})}), reply_to=m)
+        return [f"m{i}" for i in range(len(messages))]
+
+    def pull_messages(self, message_ids):
+        return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
 
 
 def messages(nodes=(2, 0, 1)):

@@ -13,7 +13,7 @@ import time
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fl_sim.arrays import to_state_dict
+from fl_sim.arrays import is_packed, pack, to_state_dict
 from fl_sim.client.train import train_local
 from fl_sim.config import DataConfig, GlobalTestConfig, PartitionConfig, RunConfig
 from fl_sim.data_partition import FederatedData
@@ -107,7 +107,10 @@ def train(msg: Message, context: Context) -> Message:
         lr=float(config["lr"]) if "lr" in config else None,
     )
     result["train_time_s"] = time.perf_counter() - start
-    return _reply(msg, pid, len(indices), result, ArrayRecord(model.state_dict()))
+    arrays = ArrayRecord(model.state_dict())
+    if is_packed(msg.content["arrays"]):  # a deployed server's wire format: reply in kind
+        arrays = pack(arrays)
+    return _reply(msg, pid, len(indices), result, arrays)
 
 
 @app.evaluate()
@@ -117,3 +120,4 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     _, run_cfg, data, model, preprocess, partition, pid = _setup(msg, context)
     metrics = evaluate_splits(model, data, partition, preprocess, run_cfg.eval_batch_size)
     return _reply(msg, pid, int(metrics["val_n"]), metrics)
+

@@ -78,6 +78,15 @@ def add_deploy_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=9094,
                    help="local port for Flower's ClientApp API; one per SuperNode on a machine")
     p.add_argument("--name", help="for its log and pid files (default supernode-<partition-id>)")
+    p.add_argument("--no-worker", action="store_true",
+                   help="no warm worker: Flower starts a flwr-clientapp process per message, "
+                        "which imports torch, opens the data and builds the model (seconds)")
+    p.add_argument("--threads", type=int,
+                   help="torch threads of the node's worker (default: all cores); nodes that "
+                        "share a machine should split its cores")
+    p.add_argument("--poll-interval", type=float, default=processes.DEFAULT_POLL_INTERVAL,
+                   help="seconds between the idle node's requests for work (Flower: 3; "
+                        f"default {processes.DEFAULT_POLL_INTERVAL})")
     p.add_argument("--foreground", action="store_true", help="run in this terminal (for systemd)")
 
     p = sub.add_parser("connect", help="point `register`/`submit` on this machine at a SuperLink")
@@ -161,13 +170,41 @@ def _supernode(args: argparse.Namespace) -> int:
         processes.state_dir() / f"{name}.node-config.toml", args.partition_id, args.data_root,
         args.local_data)
     cmd = processes.supernode_command(args.superlink, args.port, node_config,
-                                      None if args.insecure else args.ca, args.key)
+                                      None if args.insecure else args.ca, args.key,
+                                      args.poll_interval, worker=not args.no_worker)
     if args.foreground:
-        return subprocess.call(cmd, env=processes.flower_env())
+        node = subprocess.Popen(cmd, env=processes.flower_env())
+        worker = None
+        try:
+            worker = None if args.no_worker else _start_worker(name, args, node.pid)
+            return node.wait()
+        finally:
+            if node.poll() is None:
+                processes.stop_process(node.pid)
+            if worker:
+                processes.stop_process(worker.pid)
     started = processes.start(name, cmd, processes.SUPERNODE_READY)
+    worker = None
+    if not args.no_worker:
+        try:
+            worker = _start_worker(name, args, started.pid)
+        except BaseException:
+            processes.stop_process(started.pid)
+            (processes.state_dir() / f"{name}.pid").unlink(missing_ok=True)
+            raise
     print(f"{name} running (pid {started.pid}), connected to the SuperLink at {args.superlink} "
-          f"as node {started.ready}; log {started.log}")
+          f"as node {started.ready}"
+          + (f"; its warm worker: pid {worker.pid}, log {worker.log}" if worker else "")
+          + f"; log {started.log}")
     return 0
+
+
+def _start_worker(name: str, args: argparse.Namespace, supernode_pid: int) -> processes.Started:
+    """The node's warm worker (fl_sim.deploy.worker): it imports torch and timm once."""
+    return processes.start(f"{name}-worker",
+                           processes.worker_command(args.port, supernode_pid, args.threads,
+                                                    args.poll_interval),
+                           processes.WORKER_READY, timeout=120)
 
 
 def _flwr(argv: list[str]) -> int:

@@ -22,6 +22,7 @@ from pathlib import Path
 import tomli_w
 
 from fl_sim.deploy.certs import CertFiles
+from fl_sim.deploy.supernode import DEFAULT_POLL_INTERVAL
 from fl_sim.errors import FlSimError
 
 CONNECTION = "fl-sim"  # the entry that `fl-sim deploy` writes into $FLWR_HOME/config.toml
@@ -29,6 +30,8 @@ FLEET_PORT = 9092  # Flower's default Fleet API (gRPC) port
 CONTROL_PORT = 8000  # Flower's default Control + Runtime API (HTTP) port
 SUPERLINK_READY = re.compile(r"Starting Fleet API \(gRPC-rere\) on (\S+)")
 SUPERNODE_READY = re.compile(r"SuperNode ID: (\d+)")
+WORKER_READY_TEXT = "fl-sim worker ready for "
+WORKER_READY = re.compile(WORKER_READY_TEXT + r"(\S+)")
 
 
 def flwr_home() -> Path:
@@ -45,6 +48,9 @@ def flower_env() -> dict[str, str]:
     env.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     env.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
     env.setdefault("PYTHONUNBUFFERED", "1")  # logs reach the file as they happen
+    # SuperExec (which starts each ServerApp and ClientApp process) asks for work every 1 s
+    # by default; Flower's own knob, a small local HTTP request.
+    env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.05")
     # Flower's processes start their helpers (flower-superexec, flwr-clientapp) by name:
     # find this environment's first, also when it is not activated.
     env["PATH"] = os.pathsep.join(filter(None, [str(Path(sys.executable).parent), env.get("PATH")]))
@@ -83,10 +89,16 @@ def superlink_command(certs: CertFiles | None, fleet_address: str, host: str, po
 
 
 def supernode_command(superlink: str, port: int, node_config: Path,
-                      ca_cert: Path | None, auth_key: Path | None) -> list[str]:
-    """flower-supernode: insecure when `ca_cert` is None, else TLS with the node's key."""
-    cmd = [executable("flower-supernode"), "--superlink", superlink,
-           "--port", str(port), "--node-config", str(node_config)]
+                      ca_cert: Path | None, auth_key: Path | None,
+                      poll_interval: float = DEFAULT_POLL_INTERVAL, worker: bool = True) -> list[str]:
+    """flower-supernode, polling every `poll_interval` s (fl_sim.deploy.supernode): insecure
+    when `ca_cert` is None, else TLS with the node's key. With `worker`, its ClientApp tasks
+    are left to fl-sim's warm worker (`--isolation process`), else Flower starts a process
+    per message."""
+    cmd = [sys.executable, "-m", "fl_sim.deploy.supernode", "--poll-interval", str(poll_interval),
+           "--superlink", superlink, "--port", str(port), "--node-config", str(node_config)]
+    if worker:
+        cmd += ["--isolation", "process"]
     if ca_cert is None:
         return cmd + ["--insecure"]
     for path, what in ((ca_cert, "CA certificate"), (auth_key, "node private key")):
@@ -95,6 +107,16 @@ def supernode_command(superlink: str, port: int, node_config: Path,
                              "SuperLink's CA certificate) and --key (its registered private key).")
     return cmd + ["--root-certificates", str(ca_cert),
                   "--auth-supernode-private-key", str(auth_key)]
+
+
+def worker_command(runtime_port: int, supernode_pid: int, threads: int | None = None,
+                   poll_interval: float = DEFAULT_POLL_INTERVAL) -> list[str]:
+    """The node's warm worker (fl_sim.deploy.worker): the executor of the SuperNode whose
+    Runtime API listens on `runtime_port`."""
+    cmd = [sys.executable, "-m", "fl_sim.deploy.worker", "--runtime-api",
+           f"127.0.0.1:{runtime_port}", "--supernode-pid", str(supernode_pid),
+           "--poll-interval", str(poll_interval)]
+    return cmd + ["--threads", str(threads)] if threads else cmd
 
 
 def write_node_config(path: Path, partition_id: int, data_root: Path | None,
@@ -238,6 +260,7 @@ def stop_all(grace: float = 10.0) -> list[str]:
 def _is_flower(pid: int) -> bool:
     """Guards against a stale pid file whose pid now belongs to an unrelated process."""
     try:
-        return b"flower-super" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        return b"flower-super" in cmdline or b"fl_sim.deploy." in cmdline
     except FileNotFoundError:
         return is_alive(pid) and not Path("/proc/self").exists()  # no /proc (macOS): trust the file

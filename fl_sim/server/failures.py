@@ -14,7 +14,6 @@ from typing import Any
 
 import torch
 from flwr.app import ArrayRecord
-from flwr.superlink.grid import InMemoryGrid
 
 from fl_sim.arrays import to_state_dict
 from fl_sim.errors import FlSimError
@@ -37,18 +36,6 @@ class Interrupted(Exception):
 def stop_if_requested() -> None:
     if stop_requested.is_set():
         raise Interrupted
-
-
-def stoppable(grid: InMemoryGrid) -> None:
-    """Flower's send_and_receive waits up to round_timeout_s for replies that a stopped
-    simulation never sends: each of its polls now ends the wait once a stop is requested."""
-    pull = grid.pull_messages
-
-    def pull_or_stop(message_ids: Any) -> Any:
-        stop_if_requested()
-        return pull(message_ids)
-
-    grid.pull_messages = pull_or_stop
 
 
 class RunFailed(FlSimError):

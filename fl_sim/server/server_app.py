@@ -1,7 +1,7 @@
-"""The ServerApp: one run of a study, driven by fl_sim.server.loop.
+"""The ServerApp: a study's runs, each driven by fl_sim.server.loop.
 
-`make_server_app` binds a run for `fl-sim run` (Flower's `run_simulation` passes no run
-config). The module-level `app` is what `[tool.flwr.app]` names for Flower's own tooling
+`make_server_app` binds a study's runs for `fl-sim run` (Flower's `run_simulation` passes
+no run config). The module-level `app` is what `[tool.flwr.app]` names for Flower's own tooling
 (`flwr run`): it reads the study file, run name and output folder from the run config.
 """
 
@@ -20,14 +20,21 @@ from fl_sim.config import BASELINES, Run, StudyConfig, expand_grid, load_study
 from fl_sim.errors import FlSimError
 from fl_sim.server.loop import FederatedRun, RoundReport
 
+OnRound = Callable[[RoundReport], None]
+RunExecutor = Callable[[Run, Callable[[OnRound], object]], None]
 
-def make_server_app(study: StudyConfig, run: Run,
-                    on_round: Callable[[RoundReport], None] | None = None) -> ServerApp:
+
+def make_server_app(study: StudyConfig, runs: list[Run], execute: RunExecutor) -> ServerApp:
+    """A ServerApp that drives `runs` one after another on one grid: in simulation, a study's
+    runs share one Ray and one set of warm client actors. `execute(run, body)` calls
+    `body(on_round)` and does the study's bookkeeping around it (progress, failed runs)."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        FederatedRun(study, run, run.dir(study), on_round=on_round).execute(grid)
+        for run in runs:
+            execute(run, lambda on_round, run=run: FederatedRun(
+                study, run, run.dir(study), on_round=on_round).execute(grid))
 
     return app
 
