@@ -85,7 +85,9 @@ def unpack(record: ArrayRecord) -> ArrayRecord:
 
 def weighted_mean(records: list[RecordDict], weighting_metric_name: str) -> ArrayRecord:
     """Flower's `aggregate_arrayrecords`, equal to float rounding: the mean of every reply's
-    arrays, weighted by `weighting_metric_name` of its MetricRecord (integer arrays in float64)."""
+    arrays, weighted by `weighting_metric_name` of its MetricRecord. Integer arrays (e.g.
+    BatchNorm's `num_batches_tracked`) are averaged in float64 and rounded back to their own
+    dtype, where Flower's turn into float64: every array keeps its dtype on the wire."""
     weights = [float(next(iter(r.metric_records.values()))[weighting_metric_name]) for r in records]
     total = sum(weights)
     states = [to_state_dict(next(iter(r.array_records.values()))) for r in records]
@@ -95,7 +97,7 @@ def weighted_mean(records: list[RecordDict], weighting_metric_name: str) -> Arra
         acc = torch.mul(first.to(dtype), weights[0] / total)
         for state, w in zip(states[1:], weights[1:], strict=True):
             acc.add_(state[key], alpha=w / total)
-        mean[key] = acc
+        mean[key] = acc if acc.dtype == first.dtype else acc.round_().to(first.dtype)
     return ArrayRecord(mean)
 
 

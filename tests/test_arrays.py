@@ -43,9 +43,13 @@ def test_weighted_mean_equals_flowers_aggregation():
     replies = _replies([10, 30, 60])
     ours, flowers = weighted_mean(replies, "num-examples"), aggregate_arrayrecords(replies, "num-examples")
     for k in flowers:
-        assert ours[k].dtype == flowers[k].dtype and ours[k].shape == flowers[k].shape
+        assert ours[k].shape == flowers[k].shape
         np.testing.assert_allclose(ours[k].numpy(), flowers[k].numpy(), rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(ours["n"].numpy(), 0.1 * 10 + 0.3 * 20 + 0.6 * 30)
+    assert ours["w"].dtype == flowers["w"].dtype == "float32"
+    # A counter stays an integer (Flower's turns into float64): 0.1 x 10 + 0.3 x 20 + 0.6 x 30.
+    assert ours["n"].dtype == "int64" and ours["n"].numpy() == 25 and flowers["n"].dtype == "float64"
+    odd = weighted_mean(_replies([1, 1, 1]), "num-examples")["n"]
+    assert odd.dtype == "int64" and odd.numpy() == 20  # (10 + 20 + 30) / 3, rounded
 
 
 def test_the_fedavg_family_averages_with_weighted_mean_without_building_a_strategy():

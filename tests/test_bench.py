@@ -14,7 +14,8 @@ def test_quick_bench_writes_every_row(ham_root, tmp_path):
     assert main(["bench", "--quick", "--ham-root", str(ham_root), "--output", str(out)]) == 0
     text = out.read_text()
     assert "## fl-sim bench --quick" in text and "Device:" in text and "flwr 1.39" in text
-    for row in ("| data: images/s at 64 px", "| FL overhead: steady round", "| FL overhead: start-up",
+    for row in ("| data: images/s at 64 px", "| FL overhead: steady round",
+                "| FL overhead: fixed cost per round", "| FL overhead: start-up",
                 "| communication: convnext_tiny", "| communication: pack",
                 "| communication: unpack", "| communication: aggregate 3 replies",
                 "| communication: simulation transport", "| communication: deployment wire",

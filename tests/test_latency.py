@@ -47,8 +47,8 @@ def test_a_packed_model_is_one_object_and_unpacks_byte_for_byte():
     assert objects(packed) <= 5  # the record, its two Arrays and their chunks
     back = arrays.unpack(packed)
     assert list(back.keys()) == list(record.keys())
-    assert all((back[k].data, back[k].dtype, back[k].shape, back[k].stype)
-               == (record[k].data, record[k].dtype, record[k].shape, record[k].stype) for k in record)
+    fields = lambda a: (a.data, a.dtype, a.shape, a.stype)  # noqa: E731
+    assert all(fields(back[k]) == fields(record[k]) for k in record)
     assert arrays.unpack(record) is record  # a plain record passes through
     state = arrays.to_state_dict(packed)  # clients read either
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
@@ -58,7 +58,8 @@ def test_a_client_replies_packed_to_a_packed_message(tmp_path, task):
     data = DataConfig.model_validate({"dataset": "synthetic", "image_size": 32,
                                       "synthetic": {"num_images": 210}, "cache_dir": str(tmp_path),
                                       "partition": {"num_clients": 3}})
-    run = RunConfig.model_validate({"model": {"name": "test_convnext"}, "optimizer": {"name": "adamw"}})
+    run = RunConfig.model_validate({"model": {"name": "test_convnext"},
+                                    "optimizer": {"name": "adamw"}})
     model, _ = build_model(run, prepare_data(data, progress=False).class_names, 32)
     context = Context(run_id=1, node_id=0, node_config={"partition-id": 1}, state=RecordDict(),
                       run_config={})
@@ -66,8 +67,9 @@ def test_a_client_replies_packed_to_a_packed_message(tmp_path, task):
     for wire in (lambda r: r, arrays.pack):
         config = ConfigRecord({"data-config": data.model_dump_json(),
                                "run-config": run.model_dump_json(), "server-round": 1})
-        msg = Message(RecordDict({"arrays": wire(ArrayRecord(model.state_dict())), "config": config}),
-                      dst_node_id=0, message_type="train")
+        weights = wire(ArrayRecord(model.state_dict()))
+        msg = Message(RecordDict({"arrays": weights, "config": config}), dst_node_id=0,
+                      message_type="train")
         replies.append(train(msg, context).content["arrays"])
     plain, packed = replies
     assert not arrays.is_packed(plain) and arrays.is_packed(packed)

@@ -92,7 +92,7 @@ def run_task(app: ClientApp, address: str, token: str, poll: float) -> None:
         try:
             reply = app(message=message, context=context)
             status, details = SubStatus.COMPLETED, ""
-        except Exception as err:  # reported as flwr-clientapp reports it: the server names the client
+        except Exception as err:  # as flwr-clientapp reports it: the server names the client
             log.exception("the ClientApp raised")
             details = str(type(err)) + ":<'" + str(err) + "'>"
             reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=details),

@@ -272,7 +272,9 @@ class FederatedRun:
 
     def _initial(self) -> tuple[ArrayRecord, Any]:
         """The initial weights (the run's seeded model) and the strategy."""
-        strategy = build_strategy(self.cfg.strategy, self.data.num_clients, self.min_clients)
+        params = self.model.named_parameters(remove_duplicate=False)
+        strategy = build_strategy(self.cfg.strategy, self.data.num_clients, self.min_clients,
+                                  trainable=[name for name, _ in params])
         return ArrayRecord(self.model.state_dict()), strategy
 
     def _keep_rows_up_to(self, server_round: int) -> None:

@@ -3,20 +3,22 @@
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterable
 
 from flwr.serverapp import strategy as fl
 
 from fl_sim.arrays import use_weighted_mean
 from fl_sim.config import StrategyConfig, proximal_mu
 from fl_sim.errors import FlSimError
+from fl_sim.strategies import fedopt
 
 STRATEGIES: dict[str, type[fl.FedAvg]] = {
     "fedavg": fl.FedAvg,
     "fedprox": fl.FedProx,
-    "fedadam": fl.FedAdam,
-    "fedyogi": fl.FedYogi,
-    "fedadagrad": fl.FedAdagrad,
-    "fedavgm": fl.FedAvgM,
+    "fedadam": fedopt.FedAdam,
+    "fedyogi": fedopt.FedYogi,
+    "fedadagrad": fedopt.FedAdagrad,
+    "fedavgm": fedopt.FedAvgM,
     "fedmedian": fl.FedMedian,
     "fedtrimmedavg": fl.FedTrimmedAvg,
     "krum": fl.Krum,
@@ -39,9 +41,11 @@ def strategy_params(name: str) -> set[str]:
     return set(inspect.signature(STRATEGIES[name]).parameters) - _MANAGED
 
 
-def build_strategy(cfg: StrategyConfig, num_clients: int, min_clients: int | None = None) -> fl.FedAvg:
+def build_strategy(cfg: StrategyConfig, num_clients: int, min_clients: int | None = None,
+                   trainable: Iterable[str] | None = None) -> fl.FedAvg:
     """A strategy that samples every client each round and waits for `min_clients` of them;
-    the FedAvg family averages with fl-sim's `weighted_mean`."""
+    the FedAvg family averages with fl-sim's `weighted_mean`. `trainable`: the model's
+    parameter names, the only arrays a server optimizer (FedAdam, ...) steps."""
     unknown = set(cfg.params) - strategy_params(cfg.name)
     if unknown:
         raise FlSimError(
@@ -52,7 +56,7 @@ def build_strategy(cfg: StrategyConfig, num_clients: int, min_clients: int | Non
     if cfg.name == "fedprox":
         kwargs["proximal_mu"] = proximal_mu(cfg)
     needed = num_clients if min_clients is None else min_clients
-    return STRATEGIES[cfg.name](
+    strategy = STRATEGIES[cfg.name](
         fraction_train=1.0,
         fraction_evaluate=1.0,
         min_train_nodes=needed,
@@ -61,3 +65,6 @@ def build_strategy(cfg: StrategyConfig, num_clients: int, min_clients: int | Non
         weighted_by_key="unit-weight" if cfg.weighting == "uniform" else "num-examples",
         **kwargs,
     )
+    if isinstance(strategy, fedopt.ParametersOnly) and trainable is not None:
+        strategy.trainable = frozenset(trainable)
+    return strategy

@@ -1,0 +1,92 @@
+"""The FedOpt family on a model with BatchNorm: the server step for trainable parameters only,
+the clients' mean for running statistics, every dtype kept (issue #14, item 1)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+from torch import nn
+
+from fl_sim.arrays import weighted_mean
+from fl_sim.config import StrategyConfig
+from fl_sim.strategies import build_strategy
+
+FEDOPT = ["fedadam", "fedyogi", "fedadagrad", "fedavgm"]
+
+
+def bn_model(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                          nn.LazyLinear(2))
+    model(torch.randn(8, 3, 6, 6))  # materialises the head, moves the running statistics
+    with torch.no_grad():  # every parameter differs between clients (BatchNorm's too)
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+@pytest.mark.parametrize("name", FEDOPT)
+def test_the_server_step_leaves_batchnorm_statistics_at_the_clients_mean(name, monkeypatch):
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    model = bn_model(0)
+    params = {n for n, _ in model.named_parameters()}
+    params_for = {"fedavgm": {"server_momentum": 0.9, "server_learning_rate": 0.5}}.get(name, {})
+    strategy = build_strategy(StrategyConfig(name=name, params=params_for), num_clients=3,
+                              trainable=params)
+    initial = ArrayRecord(model.state_dict())
+    list(strategy.configure_train(1, initial, ConfigRecord(), type("Grid", (), {
+        "get_node_ids": lambda self: [0, 1, 2]})()))
+    replies = []
+    for i in range(3):
+        client = bn_model(i + 1)
+        client.get_submodule("1").num_batches_tracked.fill_(5 + i)
+        replies.append(Message(RecordDict({
+            "arrays": ArrayRecord(client.state_dict()),
+            "metrics": MetricRecord({"num-examples": 10 * (i + 1), "unit-weight": 1.0})}),
+            reply_to=Message(RecordDict(), dst_node_id=i, message_type="train")))
+
+    arrays, _ = strategy.aggregate_train(1, replies)
+    mean = weighted_mean([r.content for r in replies], "num-examples")
+    for key, array in arrays.items():
+        assert array.dtype == initial[key].dtype, key  # float32 stays float32, int64 int64
+        if key in params:  # the server optimizer's step: not the plain mean
+            assert not np.array_equal(array.numpy(), mean[key].numpy()), key
+        else:
+            np.testing.assert_array_equal(array.numpy(), mean[key].numpy(), err_msg=key)
+    assert arrays["1.num_batches_tracked"].numpy() == 6  # (5 x 10 + 6 x 20 + 7 x 30) / 60, rounded
+    assert arrays.count_bytes() == initial.count_bytes()  # what the next round sends: no float64
+
+
+@pytest.mark.slow
+def test_fedadam_and_fedyogi_with_batchnorm_send_float32_and_integer_counters(tmp_path):
+    from fl_sim.cli import main
+
+    study = tmp_path / "s.yaml"
+    study.write_text(yaml.safe_dump({
+        "study": "bn", "out": str(tmp_path / "out"),
+        "data": {"dataset": "synthetic", "image_size": 32, "synthetic": {"num_images": 900},
+                 "cache_dir": str(tmp_path / "cache"), "partition": {"num_clients": 3}},
+        "defaults": {"rounds": 2, "batch_size": 32, "model": {"name": "test_resnet"},
+                     "optimizer": {"name": "adamw"}},
+        "grid": {"strategy": [{"name": "fedavg"}, {"name": "fedadam", "params": {"eta": 0.01}},
+                              {"name": "fedyogi", "params": {"eta": 0.01}}]},
+    }))
+    assert main(["run", str(study)]) == 0
+    summaries = {d.name.split("_")[0]: json.loads((d / "summary.json").read_text())
+                 for d in (tmp_path / "out/bn").iterdir() if d.is_dir()}
+    fedavg = summaries.pop("fedavg")
+    for name, summary in summaries.items():
+        # float32 on the wire (float64 would be twice the bytes; the run's settings, sent
+        # along, differ by a few characters)
+        assert abs(summary["bytes_sent"] / fedavg["bytes_sent"] - 1) < 1e-4, name
+    last = torch.load(tmp_path / "out/bn" / next(iter(
+        d.name for d in (tmp_path / "out/bn").iterdir() if d.name.startswith("fedadam")))
+        / "checkpoints/last.pt", weights_only=False)["state_dict"]
+    assert all(not t.is_floating_point() for k, t in last.items() if "num_batches_tracked" in k)
+    assert all(t.dtype in (torch.float32, torch.int64) for t in last.values())
