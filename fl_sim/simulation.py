@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from rich.console import Console
 
+from fl_sim.client.train import optimizer_kwargs
 from fl_sim.config import BASELINES, Run, StudyConfig
 from fl_sim.data_partition import prepare_data
 from fl_sim.errors import FlSimError
@@ -46,7 +47,8 @@ def check_runs(runs: list[Run], num_clients: int) -> None:
     for run in runs:
         timm_name(run.config.model.name)
         if run.config.strategy.name not in BASELINES:
-            build_strategy(run.config.strategy, num_clients)
+            build_strategy(run.config.strategy, num_clients,
+                           client_lr=optimizer_kwargs(run.config.optimizer)["lr"])
 
 
 class Terminated(SystemExit):

@@ -274,7 +274,8 @@ class FederatedRun:
         """The initial weights (the run's seeded model) and the strategy."""
         params = self.model.named_parameters(remove_duplicate=False)
         strategy = build_strategy(self.cfg.strategy, self.data.num_clients, self.min_clients,
-                                  trainable=[name for name, _ in params])
+                                  trainable=[name for name, _ in params],
+                                  client_lr=optimizer_kwargs(self.cfg.optimizer)["lr"])
         return ArrayRecord(self.model.state_dict()), strategy
 
     def _keep_rows_up_to(self, server_round: int) -> None:

@@ -22,6 +22,9 @@ STRATEGIES: dict[str, type[fl.FedAvg]] = {
     "fedmedian": fl.FedMedian,
     "fedtrimmedavg": fl.FedTrimmedAvg,
     "krum": fl.Krum,
+    "multikrum": fl.MultiKrum,
+    "bulyan": fl.Bulyan,
+    "qfedavg": fl.QFedAvg,  # its client_learning_rate: the run's optimizer lr unless given
 }
 
 # At import, not when a strategy is built: a resumed run unpickles its strategy and must
@@ -33,6 +36,7 @@ _MANAGED = {
     "fraction_train", "fraction_evaluate", "min_train_nodes", "min_evaluate_nodes",
     "min_available_nodes", "weighted_by_key", "arrayrecord_key", "configrecord_key",
     "train_metrics_aggr_fn", "evaluate_metrics_aggr_fn", "proximal_mu",
+    "train_loss_key",  # QFedAvg's: fl-sim's clients report `train_loss`
 }
 
 
@@ -42,10 +46,12 @@ def strategy_params(name: str) -> set[str]:
 
 
 def build_strategy(cfg: StrategyConfig, num_clients: int, min_clients: int | None = None,
-                   trainable: Iterable[str] | None = None) -> fl.FedAvg:
+                   trainable: Iterable[str] | None = None,
+                   client_lr: float | None = None) -> fl.FedAvg:
     """A strategy that samples every client each round and waits for `min_clients` of them;
     the FedAvg family averages with fl-sim's `weighted_mean`. `trainable`: the model's
-    parameter names, the only arrays a server optimizer (FedAdam, ...) steps."""
+    parameter names, the only arrays a server optimizer (FedAdam, ...) steps; `client_lr`:
+    the clients' learning rate (QFedAvg's `client_learning_rate` unless params set it)."""
     unknown = set(cfg.params) - strategy_params(cfg.name)
     if unknown:
         raise FlSimError(
@@ -55,6 +61,11 @@ def build_strategy(cfg: StrategyConfig, num_clients: int, min_clients: int | Non
     kwargs = dict(cfg.params)
     if cfg.name == "fedprox":
         kwargs["proximal_mu"] = proximal_mu(cfg)
+    if cfg.name == "qfedavg" and "client_learning_rate" not in kwargs:
+        if client_lr is None:
+            raise FlSimError("qfedavg needs the clients' learning rate: set "
+                             "strategy.params.client_learning_rate.")
+        kwargs["client_learning_rate"] = client_lr
     needed = num_clients if min_clients is None else min_clients
     strategy = STRATEGIES[cfg.name](
         fraction_train=1.0,

@@ -1,5 +1,6 @@
-"""The FedOpt family on a model with BatchNorm: the server step for trainable parameters only,
-the clients' mean for running statistics, every dtype kept (issue #14, item 1)."""
+"""Strategies beyond FedAvg (issue #14): the FedOpt family on a model with BatchNorm (the
+server step for trainable parameters only, the clients' mean for running statistics, every
+dtype kept), and the robust and fair ones Flower ships (MultiKrum, Bulyan, QFedAvg)."""
 
 import json
 
@@ -90,3 +91,33 @@ def test_fedadam_and_fedyogi_with_batchnorm_send_float32_and_integer_counters(tm
         / "checkpoints/last.pt", weights_only=False)["state_dict"]
     assert all(not t.is_floating_point() for k, t in last.items() if "num_batches_tracked" in k)
     assert all(t.dtype in (torch.float32, torch.int64) for t in last.values())
+
+
+@pytest.mark.slow
+def test_multikrum_bulyan_and_qfedavg_run_end_to_end(tmp_path):
+    from fl_sim.cli import main
+
+    study = tmp_path / "s.yaml"
+    study.write_text(yaml.safe_dump({
+        "study": "robust", "out": str(tmp_path / "out"),
+        "data": {"dataset": "synthetic", "image_size": 32, "synthetic": {"num_images": 300},
+                 "cache_dir": str(tmp_path / "cache"), "partition": {"num_clients": 3}},
+        "defaults": {"rounds": 2, "batch_size": 32, "model": {"name": "test_convnext"},
+                     "optimizer": {"name": "adamw"}},
+        "grid": {"strategy": [{"name": "multikrum", "params": {"num_nodes_to_select": 2}},
+                              {"name": "bulyan"}, {"name": "qfedavg", "params": {"q": 0.2}}]},
+    }))
+    assert main(["run", str(study)]) == 0
+    runs = {d.name.split("_")[0]: d for d in (tmp_path / "out/robust").iterdir() if d.is_dir()}
+    assert set(runs) == {"multikrum", "bulyan", "qfedavg"}
+    for name, run_dir in runs.items():
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert summary["complete"] and summary["rounds_done"] == 2, name
+        assert np.isfinite(summary["final"]["global_test"]["loss"]), name
+
+
+def test_qfedavg_takes_the_clients_learning_rate():
+    strategy = build_strategy(StrategyConfig(name="qfedavg"), num_clients=3, client_lr=0.003)
+    assert strategy.client_learning_rate == 0.003
+    given = StrategyConfig(name="qfedavg", params={"client_learning_rate": 0.1})
+    assert build_strategy(given, num_clients=3, client_lr=0.003).client_learning_rate == 0.1
