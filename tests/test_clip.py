@@ -303,3 +303,35 @@ def test_local_weights_file_is_loaded(tmp_path, monkeypatch):
         expected = F.normalize(donor.encode_text(tokens), dim=-1)
     torch.testing.assert_close(text.features, expected)
     assert text.logit_scale == pytest.approx(math.log(50.0))
+
+
+# ----------------------------------------------------------------------------- issue #14, item 7
+
+
+def test_the_contrastive_loss_is_fp32_inside_bf16_autocast():
+    gen = torch.Generator().manual_seed(0)
+    image = torch.nn.functional.normalize(torch.randn(6, 8, generator=gen), dim=-1)
+    text = torch.nn.functional.normalize(torch.randn(3, 8, generator=gen), dim=-1)
+    labels, scale = torch.tensor([0, 1, 2, 0, 1, 2]), torch.tensor(100.0)
+    exact = clip_loss(image, labels, text, scale)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):  # as CUDA runs training
+        mixed = clip_loss(image, labels, text, scale)
+    assert mixed.dtype == torch.float32 and torch.equal(mixed, exact)
+
+
+def test_a_temperature_at_clips_bound_still_learns_and_stays_bounded(tiny_text_model):
+    model = tiny_model(tiny_text_model, learn_temperature=True)
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(100))  # where OpenAI's towers leave it
+    x, y = learnable_batches()[0]
+    loss, _ = clip_batch_loss(model, x, y, "clip")
+    loss.backward()
+    assert model.logit_scale.grad is not None and model.logit_scale.grad.abs() > 0
+    with torch.no_grad():  # a step that pushes it past the bound
+        model.logit_scale += 1.0
+    model.clamp_temperature()
+    assert model.logit_scale.item() == pytest.approx(math.log(100)) and model.scale() <= 100.0001
+    with torch.no_grad():  # and one below it stays where the optimizer put it
+        model.logit_scale.fill_(2.0)
+    model.clamp_temperature()
+    assert model.logit_scale.item() == 2.0

@@ -107,6 +107,8 @@ def train_local(
             optimizer.zero_grad(set_to_none=True)
             objective.backward()
             optimizer.step()
+            if cfg.training == "clip":
+                model.clamp_temperature()
             total += loss.detach() * len(idx)
             correct += (logits.detach().argmax(1) == y).sum()
             seen += len(idx)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
@@ -144,7 +145,7 @@ class ClipClassifier(nn.Module):
         super().__init__()
         self.encoder = encoder
         self.projection = nn.Linear(feature_dim, text.features.shape[1])
-        scale = torch.tensor(text.logit_scale)
+        scale = torch.tensor(text.logit_scale).clamp(max=math.log(MAX_LOGIT_SCALE))
         if learn_temperature:
             self.logit_scale = nn.Parameter(scale)
         else:  # persistent: a checkpoint reloads with the temperature it was trained with
@@ -153,8 +154,15 @@ class ClipClassifier(nn.Module):
         self.register_buffer("text_features", text.features.clone(), persistent=False)
 
     def scale(self) -> torch.Tensor:
-        """exp(logit_scale), clamped at 100 as in CLIP."""
-        return self.logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
+        """exp(logit_scale). Never above 100: `clamp_temperature` keeps logit_scale at most
+        ln 100 after every step, as CLIP does. A clamp inside the graph would zero the
+        gradient of a temperature that sits at the bound, as OpenAI's towers' does."""
+        return self.logit_scale.exp()
+
+    @torch.no_grad()
+    def clamp_temperature(self) -> None:
+        """logit_scale back to at most ln 100, after an optimizer step."""
+        self.logit_scale.clamp_(max=math.log(MAX_LOGIT_SCALE))
 
     def image_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, D) unit image embeddings in the text space."""
@@ -203,10 +211,13 @@ def clip_loss(image_features: torch.Tensor, labels: torch.Tensor, text_features:
     diagonal targets then give exactly the loss with every same-class pair as a positive
     (uniform targets over them, both ways). See docs/clip.md.
     """
-    logits_per_image = logit_scale * image_features @ text_features[labels].T
-    targets = torch.arange(len(labels), device=labels.device)
-    return (F.cross_entropy(logits_per_image, targets)
-            + F.cross_entropy(logits_per_image.T, targets)) / 2
+    # fp32 outside autocast: at scale 100, bf16 logits are off by ~0.4 (see image_features).
+    with torch.autocast(device_type=image_features.device.type, enabled=False):
+        logits_per_image = (logit_scale.float() * image_features.float()
+                            @ text_features[labels].float().T)
+        targets = torch.arange(len(labels), device=labels.device)
+        return (F.cross_entropy(logits_per_image, targets)
+                + F.cross_entropy(logits_per_image.T, targets)) / 2
 
 
 def class_ce_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
