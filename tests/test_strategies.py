@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from torch import nn
 
-from fl_sim.arrays import weighted_mean
+from fl_sim.arrays import to_state_dict, weighted_mean
 from fl_sim.config import StrategyConfig
+from fl_sim.errors import FlSimError
 from fl_sim.strategies import build_strategy
 
 FEDOPT = ["fedadam", "fedyogi", "fedadagrad", "fedavgm"]
@@ -121,3 +122,70 @@ def test_qfedavg_takes_the_clients_learning_rate():
     assert strategy.client_learning_rate == 0.003
     given = StrategyConfig(name="qfedavg", params={"client_learning_rate": 0.1})
     assert build_strategy(given, num_clients=3, client_lr=0.003).client_learning_rate == 0.1
+
+
+def test_a_fedbn_client_trains_and_evaluates_with_its_own_batchnorm(tmp_path, monkeypatch):
+    from fl_sim.client import client_app, fedbn
+    from fl_sim.config import DataConfig, RunConfig
+    from fl_sim.data_partition import prepare_data
+    from fl_sim.task import build_model, load_model
+
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    data = DataConfig.model_validate({"dataset": "synthetic", "image_size": 32,
+                                      "synthetic": {"num_images": 210}, "cache_dir": str(tmp_path),
+                                      "partition": {"num_clients": 3}})
+    run = RunConfig.model_validate({"model": {"name": "test_resnet"},
+                                    "strategy": {"name": "fedbn"}, "optimizer": {"name": "adamw"}})
+    classes = prepare_data(data, progress=False).class_names
+    global_model, _ = build_model(run, classes, 32)
+    bn = fedbn.batchnorm_keys(global_model)
+    assert bn and {k.rsplit(".", 1)[1] for k in bn} == {
+        "weight", "bias", "running_mean", "running_var", "num_batches_tracked"}
+
+    def message(kind):
+        config = ConfigRecord({"data-config": data.model_dump_json(),
+                               "run-config": run.model_dump_json(), "server-round": 1})
+        weights = ArrayRecord(global_model.state_dict())
+        return Message(RecordDict({"arrays": weights, "config": config}), dst_node_id=0,
+                       message_type=kind)
+
+    contexts = [Context(run_id=1, node_id=0, node_config={"partition-id": i}, state=RecordDict(),
+                        run_config={}) for i in range(2)]
+    replies = [client_app.train(message("train"), c) for c in contexts]  # one process, two clients
+    own = [to_state_dict(c.state[next(iter(c.state.array_records))]) for c in contexts]
+    assert set(own[0]) == set(bn)
+    assert any(not torch.equal(own[0][k], own[1][k]) for k in bn)  # each kept its own
+    for c, mine in zip(contexts, own):  # evaluation loads the client's own layers, not the global
+        client_app.evaluate_global(message("evaluate"), c)
+        model = load_model(run.model_dump_json(), tuple(classes), 32)[0]
+        state = model.state_dict()
+        assert all(torch.equal(state[k], mine[k]) for k in bn)
+    sent = replies[0].content["arrays"].to_torch_state_dict()  # the server still gets them
+    assert all(torch.equal(sent[k], own[0][k]) for k in bn)
+
+
+def test_qfedavg_refuses_integer_arrays_before_sending_anything():
+    strategy = build_strategy(StrategyConfig(name="qfedavg"), num_clients=3, client_lr=0.01)
+    with pytest.raises(FlSimError, match=r"qfedavg cannot aggregate integer arrays \(1.num_batches"):
+        strategy.configure_train(1, ArrayRecord(bn_model(0).state_dict()), ConfigRecord(), None)
+
+
+@pytest.mark.slow
+def test_fedbn_runs_end_to_end_and_says_what_the_global_model_holds(tmp_path):
+    from fl_sim.cli import main
+
+    study = tmp_path / "s.yaml"
+    study.write_text(yaml.safe_dump({
+        "study": "bn", "out": str(tmp_path / "out"),
+        "data": {"dataset": "synthetic", "image_size": 32, "synthetic": {"num_images": 300},
+                 "cache_dir": str(tmp_path / "cache"), "partition": {"num_clients": 3}},
+        "defaults": {"rounds": 2, "batch_size": 32, "model": {"name": "test_resnet"},
+                     "optimizer": {"name": "adamw"}, "strategy": {"name": "fedbn"}},
+    }))
+    assert main(["run", str(study)]) == 0
+    [run_dir] = [d for d in (tmp_path / "out/bn").iterdir() if d.is_dir()]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["complete"] and summary["rounds_done"] == 2
+    assert "mean of the clients' BatchNorm statistics" in summary["global_batchnorm"]

@@ -14,6 +14,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from fl_sim.arrays import is_packed, pack, to_state_dict
+from fl_sim.client import fedbn
 from fl_sim.client.train import train_local
 from fl_sim.config import DataConfig, GlobalTestConfig, PartitionConfig, RunConfig
 from fl_sim.data_partition import FederatedData
@@ -79,6 +80,8 @@ def _setup(msg: Message, context: Context):
         check_partition(data, str(config.get("partition-digest", data.digest)), data_cfg)
     model, preprocess = load_model(run_json, tuple(data.class_names), data.images.shape[1])
     model.load_state_dict(to_state_dict(msg.content["arrays"]), strict=True)
+    if run_cfg.strategy.name == "fedbn":
+        fedbn.load_own(model, context.state, run_json)
     # `partition` indexes this node's data; the client id it reports is its partition-id.
     return config, run_cfg, data, model, preprocess, partition, int(context.node_config["partition-id"])
 
@@ -107,6 +110,8 @@ def train(msg: Message, context: Context) -> Message:
         lr=float(config["lr"]) if "lr" in config else None,
     )
     result["train_time_s"] = time.perf_counter() - start
+    if run_cfg.strategy.name == "fedbn":
+        fedbn.keep_own(model, context.state, str(config["run-config"]))
     arrays = ArrayRecord(model.state_dict())
     if is_packed(msg.content["arrays"]):  # a deployed server's wire format: reply in kind
         arrays = pack(arrays)

@@ -26,6 +26,7 @@ from flwr.superlink.grid import InMemoryGrid
 from sklearn.metrics import confusion_matrix
 
 from fl_sim.arrays import is_packed, pack, to_state_dict, unpack
+from fl_sim.client.fedbn import GLOBAL_BATCHNORM
 from fl_sim.client.train import optimizer_kwargs
 from fl_sim.config import Run, RunConfig, StudyConfig, proximal_mu
 from fl_sim.errors import FlSimError
@@ -534,6 +535,8 @@ class FederatedRun:
             "round_seconds": state.round_seconds,
             "bytes_sent": state.bytes_sent,
             "bytes_received": state.bytes_received,
+            # What the global evaluation's model holds where clients keep their own layers.
+            **({"global_batchnorm": GLOBAL_BATCHNORM} if self.cfg.strategy.name == "fedbn" else {}),
         })
         write_json_atomic(self.run_dir / "summary.json", summary)
         return summary

@@ -11,6 +11,7 @@ from fl_sim.arrays import use_weighted_mean
 from fl_sim.config import StrategyConfig, proximal_mu
 from fl_sim.errors import FlSimError
 from fl_sim.strategies import fedopt
+from fl_sim.strategies.qfedavg import QFedAvg
 
 STRATEGIES: dict[str, type[fl.FedAvg]] = {
     "fedavg": fl.FedAvg,
@@ -24,7 +25,9 @@ STRATEGIES: dict[str, type[fl.FedAvg]] = {
     "krum": fl.Krum,
     "multikrum": fl.MultiKrum,
     "bulyan": fl.Bulyan,
-    "qfedavg": fl.QFedAvg,  # its client_learning_rate: the run's optimizer lr unless given
+    "qfedavg": QFedAvg,  # its client_learning_rate: the run's optimizer lr unless given
+    # FedAvg on the server; each client keeps its own BatchNorm layers (fl_sim.client.fedbn)
+    "fedbn": fl.FedAvg,
 }
 
 # At import, not when a strategy is built: a resumed run unpickles its strategy and must
