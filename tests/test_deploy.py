@@ -317,3 +317,30 @@ def test_below_the_minimum_the_run_stops_within_the_timeout(federation, tmp_path
     [run_dir] = (tmp_path / "out" / "deploy").iterdir()
     assert [r["round"] for r in rows(run_dir)] == [0]  # the global model's round 0, kept
     assert (run_dir / "config.yaml").exists() and (run_dir / "partition.csv").exists()
+
+
+@pytest.mark.slow
+def test_a_foreground_supernode_and_its_worker_end_together(federation, tmp_path):
+    import subprocess
+    import sys
+
+    fed = federation
+    fed.superlink("--insecure")
+    proc = subprocess.Popen([sys.executable, "-m", "fl_sim.cli", "deploy", "supernode",
+                             "--insecure", "--superlink", fed.fleet, "--partition-id", "0",
+                             "--port", str(free_port()), "--foreground"],
+                            env=processes.flower_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    pid_file = processes.state_dir() / "supernode-0-worker.pid"
+    deadline = time.monotonic() + 120
+    while not (pid_file.exists() and "ready for" in fed.log("supernode-0-worker")):
+        assert proc.poll() is None and time.monotonic() < deadline, "no worker started"
+        time.sleep(0.5)
+    worker = int(pid_file.read_text())
+    node = [p for p in processes.descendants(proc.pid) if processes.is_alive(p)]
+    proc.send_signal(signal.SIGINT)  # Ctrl-C in the terminal (or systemd's stop)
+    proc.wait(timeout=60)
+    deadline = time.monotonic() + 15
+    while any(processes.is_alive(p) for p in [worker, *node]):
+        assert time.monotonic() < deadline, "the node or its worker outlived the foreground command"
+        time.sleep(0.2)
