@@ -98,3 +98,28 @@ def test_tiny_cnn_beats_the_majority_class(cache_dir: Path) -> None:
     majority = np.bincount(data.labels[test]).max() / len(test)
     print(f"tiny CNN accuracy {accuracy:.3f}, majority-class rate {majority:.3f}")
     assert accuracy > majority + 0.3
+
+
+def test_one_site_held_out_whole_is_the_global_test_set(cache_dir: Path) -> None:
+    """An unseen domain (issue #15): the server tests on a site no client trains on."""
+    cfg = DataConfig.model_validate({"cache_dir": str(cache_dir), "image_size": 32,
+                                     "partition": {"method": "site"},
+                                     "global_test": {"source": "site", "site": "site_b"}})
+    data = prepare_data(cfg, progress=False)
+    m = data.manifest
+    held = m[m["client"] == "global"]
+    assert set(held["split"]) == {"test"} and (held["site"] == "site_b").mean() == 1.0
+    assert data.num_clients == 3 and "site_b" not in set(m.loc[m["client"] != "global", "site"])
+    # whole lesions: none is both in the test set and at a client
+    assert not set(held["lesion_id"]) & set(m.loc[m["client"] != "global", "lesion_id"])
+
+
+def test_a_site_that_is_not_there_is_named_with_the_ones_that_are(cache_dir: Path) -> None:
+    from fl_sim.errors import FlSimError
+
+    cfg = DataConfig.model_validate({"cache_dir": str(cache_dir), "image_size": 32,
+                                     "global_test": {"source": "site", "site": "vienna"}})
+    with pytest.raises(FlSimError, match="'vienna' is not a site.*site_a, site_b, site_c, site_d"):
+        prepare_data(cfg, progress=False)
+    with pytest.raises(ValueError, match="`site` goes with source 'site'"):
+        DataConfig.model_validate({"global_test": {"source": "site"}})

@@ -54,12 +54,15 @@ class PartitionConfig(Strict):
 
 
 class GlobalTestConfig(Strict):
-    """The server's test set: a lesion-grouped hold-out, or the official ISIC 2018 Task 3 test."""
+    """The server's test set: a lesion-grouped hold-out, one acquisition site held out whole
+    (an unseen domain), or the official ISIC 2018 Task 3 test."""
 
-    source: Literal["holdout", "isic2018", "none"] = Field(
-        "holdout", description="none: no server test set (a SuperNode's own data, all for it)"
+    source: Literal["holdout", "site", "isic2018", "none"] = Field(
+        "holdout", description="site: every image of `site`, which no client sees; none: no "
+                               "server test set (a SuperNode's own data, all for it)"
     )
     fraction: float = Field(0.15, gt=0, lt=1, description="holdout only")
+    site: str | None = Field(None, description="site only: e.g. HAM10000's vienna_dias")
     root: Path | None = Field(
         None,
         description="isic2018: folder with ISIC2018_Task3_Test_GroundTruth.csv and the images",
@@ -69,6 +72,9 @@ class GlobalTestConfig(Strict):
     def _root_for_isic(self) -> GlobalTestConfig:
         if self.source == "isic2018" and self.root is None:
             raise ValueError("source 'isic2018' needs `root`: the folder of the ISIC 2018 test set")
+        if (self.source == "site") != (self.site is not None):
+            raise ValueError("`site` goes with source 'site' (and it needs one), e.g. "
+                             "{source: site, site: vienna_dias}")
         return self
 
 

@@ -6,7 +6,8 @@ The pipeline, the same for every dataset:
    the same subset and shares one cache);
 2. with global_test.source isic2018, the ISIC 2018 test images appended as extra rows;
 3. the decoded-image cache of exactly those rows, in that order (built once, then mapped);
-4. the global test set: the official test rows (ISIC 2018, DermaMNIST's test split), or a
+4. the global test set: the official test rows (ISIC 2018, DermaMNIST's test split), every
+   lesion of one acquisition site (global_test.source site: an unseen domain), or a
    lesion-grouped hold-out of global_test.fraction;
 5. the other rows partitioned into clients, then each client's rows split train/val/test,
    by lesion. Steps 4-5 are cheap and computed again by each process, identically.
@@ -25,8 +26,9 @@ import pandas as pd
 
 from fl_sim.config import DataConfig
 from fl_sim.data_partition import cache, dermamnist, ham10000, isic2018, synthetic
-from fl_sim.data_partition.ham10000 import CLASS_NAMES, CLASSES
+from fl_sim.data_partition.ham10000 import CLASS_NAMES, CLASSES, UNKNOWN_SITE
 from fl_sim.data_partition.partitioners import (
+    lesion_codes,
     partition_clients,
     split_lesions,
     sub_seed,
@@ -192,6 +194,22 @@ def _check_global_test(cfg: DataConfig) -> None:
         )
 
 
+def _site_rows(table: pd.DataFrame, site: str | None) -> np.ndarray:
+    """The images of the lesions mostly photographed at `site` (a lesion stays whole: one
+    seen at two sites must not sit in both the test set and a client's training data)."""
+    sites = table["site"].to_numpy()
+    known = sorted(set(sites) - {UNKNOWN_SITE})
+    if site not in known:
+        raise FlSimError(f"global_test.site {site!r} is not a site of this dataset; its sites: "
+                         f"{', '.join(known) or 'none (no site column)'}.")
+    codes, lesion_site = lesion_codes(table["lesion_id"].to_numpy(), sites)
+    held_out = lesion_site[codes] == site
+    if held_out.all():
+        raise FlSimError(f"global_test.site {site!r} holds every image: nothing is left for "
+                         "the clients.")
+    return held_out
+
+
 def _label_indices(table: pd.DataFrame) -> np.ndarray:
     return pd.Categorical(table["label"], categories=CLASSES).codes.astype(np.int64)
 
@@ -211,6 +229,8 @@ def _partition(
             )
     elif cfg.global_test.source == "none":  # a node's own data: none of it for the server
         is_global = np.zeros(len(table), dtype=bool)
+    elif cfg.global_test.source == "site":
+        is_global = _site_rows(table, cfg.global_test.site)
     else:  # hold out a fraction of the lesions
         fraction = cfg.global_test.fraction
         is_global = split_lesions(labels, groups, [1 - fraction, fraction], sub_seed(seed, 1)) == 1

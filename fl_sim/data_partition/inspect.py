@@ -24,7 +24,10 @@ def inspect_data(cfg: DataConfig, console: Console | None = None) -> list[str]:
     )
     console.print(
         f"{data.num_clients} clients ({cfg.partition.method}), {int(pool.sum())} client images, "
-        f"{len(data.indices(GLOBAL, 'test'))} global test images; label skew "
+        f"{len(data.indices(GLOBAL, 'test'))} global test images"
+        + (f" (site {cfg.global_test.site}, held out whole: no client sees it)"
+           if cfg.global_test.source == "site" else "")
+        + "; label skew "
         f"(mean total-variation distance to the pooled label mix): {skew:.3f}"
     )
     warnings = _warnings(cfg, data)
