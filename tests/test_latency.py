@@ -96,8 +96,8 @@ def test_supernode_waits_are_capped_in_the_flower_code_they_rely_on(monkeypatch)
     start_client_internal.time.sleep(3)
     assert time.perf_counter() - start < 0.5
     assert time.sleep is not start_client_internal.time.sleep  # the process's own is untouched
-    assert start_client_internal.pull_objects.keywords == {"initial_backoff": 0.025,
-                                                           "backoff_cap": 0.05}
+    assert start_client_internal.pull_objects.keywords == {
+        "initial_backoff": 0.025, "backoff_cap": 0.05, "max_tries_per_object": None}
 
 
 def test_a_supernode_leaves_its_tasks_to_the_warm_worker_unless_asked_not_to(tmp_path):

@@ -189,3 +189,18 @@ def test_fedbn_runs_end_to_end_and_says_what_the_global_model_holds(tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["complete"] and summary["rounds_done"] == 2
     assert "mean of the clients' BatchNorm statistics" in summary["global_batchnorm"]
+
+
+def test_fedbn_refuses_a_model_without_batchnorm(tmp_path):
+    from fl_sim.config import StudyConfig, expand_grid
+    from fl_sim.server.loop import FederatedRun
+
+    study = StudyConfig.model_validate({
+        "study": "s", "out": str(tmp_path),
+        "data": {"dataset": "synthetic", "image_size": 32, "synthetic": {"num_images": 210},
+                 "cache_dir": str(tmp_path / "cache"), "partition": {"num_clients": 3}},
+        "defaults": {"model": {"name": "test_convnext"}, "strategy": {"name": "fedbn"}}})
+    [run] = expand_grid(study)
+    with pytest.raises(FlSimError, match="fedbn keeps each client's BatchNorm layers, but "
+                                         "test_convnext has none"):
+        FederatedRun(study, run, run.dir(study))

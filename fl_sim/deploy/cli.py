@@ -183,6 +183,7 @@ def _supernode(args: argparse.Namespace) -> int:
                 processes.stop_process(node.pid)
             if worker:
                 processes.stop_process(worker.pid)
+                (processes.state_dir() / f"{name}-worker.pid").unlink(missing_ok=True)
     started = processes.start(name, cmd, processes.SUPERNODE_READY)
     worker = None
     if not args.no_worker:

@@ -30,8 +30,9 @@ def cap_sleeps(seconds: float) -> None:
 
     start_client_internal.time = SimpleNamespace(  # the module's only use of `time` is sleep
         sleep=lambda s: time.sleep(min(s, seconds)))
-    start_client_internal.pull_objects = functools.partial(
-        start_client_internal.pull_objects, initial_backoff=seconds / 2, backoff_cap=seconds)
+    start_client_internal.pull_objects = functools.partial(  # bounded by max_time (2 h)
+        start_client_internal.pull_objects, initial_backoff=seconds / 2, backoff_cap=seconds,
+        max_tries_per_object=None)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -23,6 +23,7 @@ import sys
 import threading
 import time
 
+import httpx
 from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode, SubStatus
@@ -44,14 +45,25 @@ from flwr.supercore.interceptors import (
     RuntimeTokenHttpInterceptor,
     RuntimeVersionHttpInterceptor,
 )
-from flwr.supercore.retry import make_simple_http_retry_invoker
+from flwr.supercore.retry import RetryInvoker, exponential
 from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supercore.task_identity import TaskIdentity
 from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
 from fl_sim.deploy.processes import WORKER_READY_TEXT, is_alive
+from fl_sim.deploy.supernode import DEFAULT_POLL_INTERVAL
 
 log = logging.getLogger("fl_sim.deploy.worker")
+
+
+def retry_invoker() -> RetryInvoker:
+    """Retries when the node cannot be reached (it may be starting or restarting); gives up
+    on an HTTP error status. Flower's own (`make_simple_http_retry_invoker`) answers a 401, a
+    task the node has cancelled, by sending SIGINT to its own process: right for a
+    flwr-clientapp, which lives for one task, fatal for a worker that serves them all."""
+    return RetryInvoker(wait_gen_factory=lambda: exponential(max_delay=10),
+                        recoverable_exceptions=(httpx.TransportError,), max_tries=None,
+                        max_time=None)
 
 
 def pull_task_input(client: RuntimeHttpClient, backoff: float) -> tuple[Message, Context]:
@@ -71,7 +83,8 @@ def pull_task_input(client: RuntimeHttpClient, backoff: float) -> tuple[Message,
         tree, make_pull_object_fn_protobuf(client.PullObject, node, context.run_id),
         make_confirm_message_received_fn_protobuf(client.ConfirmMessageReceived, node,
                                                   context.run_id),
-        return_type=Message, initial_backoff=backoff, backoff_cap=backoff)
+        return_type=Message, initial_backoff=backoff, backoff_cap=backoff,
+        max_tries_per_object=None)  # bounded by Flower's max_time (2 h), not by the tries
     message.metadata.__dict__["_message_id"] = tree.object_id  # as Flower sets it
     return message, context
 
@@ -83,7 +96,7 @@ def run_task(app: ClientApp, address: str, token: str, poll: float) -> None:
         server_address=address, insecure=True, root_certificates=None,
         interceptors=[RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
                       RuntimeTokenHttpInterceptor(token)],
-        retry_invoker=make_simple_http_retry_invoker())
+        retry_invoker=retry_invoker())
     heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
     heartbeat.start()
     context, status, details = None, SubStatus.FAILED, "the worker failed before the ClientApp ran"
@@ -134,17 +147,17 @@ def serve(address: str, supernode_pid: int | None, threads: int | None, poll: fl
     tasks = RuntimeHttpClient.from_server_address(
         server_address=address, insecure=True, root_certificates=None,
         interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec")],
-        retry_invoker=make_simple_http_retry_invoker())
+        retry_invoker=retry_invoker())
     print(f"{WORKER_READY_TEXT}{address}", flush=True)
     while True:
-        res = tasks.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
-        if res.HasField("task") and res.token:
-            try:
+        try:
+            res = tasks.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
+            if res.HasField("task") and res.token:
                 run_task(app, address, res.token, poll)
-            except Exception:  # the task failed (the node was told); the worker carries on
-                log.exception("task failed")
-        else:
-            time.sleep(poll)
+                continue
+        except Exception:  # a failed task (the node was told) or request: carry on serving
+            log.exception("the worker's request to its SuperNode failed")
+        time.sleep(poll)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -154,8 +167,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="the SuperNode's Runtime API, HOST:PORT (its --port)")
     ap.add_argument("--supernode-pid", type=int, help="exit when this process is gone")
     ap.add_argument("--threads", type=int, help="torch threads (default: all cores)")
-    ap.add_argument("--poll-interval", type=float, default=0.05,
-                    help="seconds between requests for a task while idle (default 0.05)")
+    ap.add_argument("--poll-interval", type=float, default=DEFAULT_POLL_INTERVAL,
+                    help="seconds between requests for a task while idle, and between tries "
+                         f"of an object not there yet (default {DEFAULT_POLL_INTERVAL})")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per poll otherwise

@@ -154,10 +154,12 @@ class ClipClassifier(nn.Module):
         self.register_buffer("text_features", text.features.clone(), persistent=False)
 
     def scale(self) -> torch.Tensor:
-        """exp(logit_scale). Never above 100: `clamp_temperature` keeps logit_scale at most
-        ln 100 after every step, as CLIP does. A clamp inside the graph would zero the
-        gradient of a temperature that sits at the bound, as OpenAI's towers' does."""
-        return self.logit_scale.exp()
+        """exp(logit_scale), at most 100. In training `clamp_temperature` keeps logit_scale at
+        most ln 100 after every step, as CLIP does: a clamp inside the graph would zero the
+        gradient of a temperature that sits at the bound, as OpenAI's towers' does. In
+        evaluation the clamp is applied here (a server step may have pushed t past it)."""
+        scale = self.logit_scale.exp()
+        return scale if self.training else scale.clamp(max=MAX_LOGIT_SCALE)
 
     @torch.no_grad()
     def clamp_temperature(self) -> None:

@@ -26,7 +26,7 @@ from flwr.superlink.grid import InMemoryGrid
 from sklearn.metrics import confusion_matrix
 
 from fl_sim.arrays import is_packed, pack, to_state_dict, unpack
-from fl_sim.client.fedbn import GLOBAL_BATCHNORM
+from fl_sim.client.fedbn import GLOBAL_BATCHNORM, batchnorm_keys
 from fl_sim.client.train import optimizer_kwargs
 from fl_sim.config import Run, RunConfig, StudyConfig, proximal_mu
 from fl_sim.errors import FlSimError
@@ -220,6 +220,11 @@ class FederatedRun:
                              "is for a SuperNode's own data): use holdout or isic2018.")
         self.min_clients = self.cfg.min_clients or self.data.num_clients
         self.client_of_node: dict[int, int] = {}
+        if self.cfg.strategy.name == "fedbn" and not batchnorm_keys(self.model):
+            raise FlSimError(f"strategy fedbn keeps each client's BatchNorm layers, but "
+                             f"{self.cfg.model.name} has none (ConvNeXt, ViT and Swin use "
+                             "LayerNorm): it would be FedAvg. Use fedavg, or a model with "
+                             "BatchNorm (resnet, efficientnet, tf_efficientnet_lite0).")
         if self.min_clients > self.data.num_clients:
             raise FlSimError(f"min_clients {self.min_clients} exceeds the partition's "
                              f"{self.data.num_clients} clients: lower it.")

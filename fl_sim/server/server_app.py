@@ -18,6 +18,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fl_sim.config import BASELINES, Run, StudyConfig, expand_grid, load_study
 from fl_sim.errors import FlSimError
+from fl_sim.server.failures import stop_if_requested
 from fl_sim.server.loop import FederatedRun, RoundReport
 
 OnRound = Callable[[RoundReport], None]
@@ -33,6 +34,7 @@ def make_server_app(study: StudyConfig, runs: list[Run], execute: RunExecutor) -
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         for run in runs:
+            stop_if_requested()  # Ctrl-C between two runs: not one more round-0 evaluation
             execute(run, lambda on_round, run=run: FederatedRun(
                 study, run, run.dir(study), on_round=on_round).execute(grid))
 
