@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import subprocess
 import sys
 import tempfile
@@ -173,6 +174,9 @@ def _supernode(args: argparse.Namespace) -> int:
                                       None if args.insecure else args.ca, args.key,
                                       args.poll_interval, worker=not args.no_worker)
     if args.foreground:
+        # systemd stops a service with SIGTERM: clean up as on Ctrl-C (the worker runs in its
+        # own session, so only this process can stop it).
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
         node = subprocess.Popen(cmd, env=processes.flower_env())
         worker = None
         try:
