@@ -65,51 +65,45 @@ def test_the_server_step_leaves_batchnorm_statistics_at_the_clients_mean(name, m
     assert arrays.count_bytes() == initial.count_bytes()  # what the next round sends: no float64
 
 
-@pytest.mark.slow
-def test_fedadam_and_fedyogi_with_batchnorm_send_float32_and_integer_counters(tmp_path):
+def run_study(tmp_path, model: str, strategies: list[dict], images: int = 300) -> dict:
+    """`fl-sim run` of a 2-round synthetic study, one run per strategy: their run folders
+    by strategy name."""
     from fl_sim.cli import main
 
     study = tmp_path / "s.yaml"
     study.write_text(yaml.safe_dump({
-        "study": "bn", "out": str(tmp_path / "out"),
-        "data": {"dataset": "synthetic", "image_size": 32, "synthetic": {"num_images": 900},
+        "study": "s", "out": str(tmp_path / "out"),
+        "data": {"dataset": "synthetic", "image_size": 32, "synthetic": {"num_images": images},
                  "cache_dir": str(tmp_path / "cache"), "partition": {"num_clients": 3}},
-        "defaults": {"rounds": 2, "batch_size": 32, "model": {"name": "test_resnet"},
+        "defaults": {"rounds": 2, "batch_size": 32, "model": {"name": model},
                      "optimizer": {"name": "adamw"}},
-        "grid": {"strategy": [{"name": "fedavg"}, {"name": "fedadam", "params": {"eta": 0.01}},
-                              {"name": "fedyogi", "params": {"eta": 0.01}}]},
+        "grid": {"strategy": strategies},
     }))
     assert main(["run", str(study)]) == 0
-    summaries = {d.name.split("_")[0]: json.loads((d / "summary.json").read_text())
-                 for d in (tmp_path / "out/bn").iterdir() if d.is_dir()}
+    return {d.name.split("_")[0]: d for d in (tmp_path / "out/s").iterdir() if d.is_dir()}
+
+
+@pytest.mark.slow
+def test_fedadam_and_fedyogi_with_batchnorm_send_float32_and_integer_counters(tmp_path):
+    runs = run_study(tmp_path, "test_resnet", [
+        {"name": "fedavg"}, {"name": "fedadam", "params": {"eta": 0.01}},
+        {"name": "fedyogi", "params": {"eta": 0.01}}], images=900)
+    summaries = {name: json.loads((d / "summary.json").read_text()) for name, d in runs.items()}
     fedavg = summaries.pop("fedavg")
     for name, summary in summaries.items():
         # float32 on the wire (float64 would be twice the bytes; the run's settings, sent
         # along, differ by a few characters)
         assert abs(summary["bytes_sent"] / fedavg["bytes_sent"] - 1) < 1e-4, name
-    last = torch.load(tmp_path / "out/bn" / next(iter(
-        d.name for d in (tmp_path / "out/bn").iterdir() if d.name.startswith("fedadam")))
-        / "checkpoints/last.pt", weights_only=False)["state_dict"]
+    last = torch.load(runs["fedadam"] / "checkpoints/last.pt", weights_only=False)["state_dict"]
     assert all(not t.is_floating_point() for k, t in last.items() if "num_batches_tracked" in k)
     assert all(t.dtype in (torch.float32, torch.int64) for t in last.values())
 
 
 @pytest.mark.slow
 def test_multikrum_bulyan_and_qfedavg_run_end_to_end(tmp_path):
-    from fl_sim.cli import main
-
-    study = tmp_path / "s.yaml"
-    study.write_text(yaml.safe_dump({
-        "study": "robust", "out": str(tmp_path / "out"),
-        "data": {"dataset": "synthetic", "image_size": 32, "synthetic": {"num_images": 300},
-                 "cache_dir": str(tmp_path / "cache"), "partition": {"num_clients": 3}},
-        "defaults": {"rounds": 2, "batch_size": 32, "model": {"name": "test_convnext"},
-                     "optimizer": {"name": "adamw"}},
-        "grid": {"strategy": [{"name": "multikrum", "params": {"num_nodes_to_select": 2}},
-                              {"name": "bulyan"}, {"name": "qfedavg", "params": {"q": 0.2}}]},
-    }))
-    assert main(["run", str(study)]) == 0
-    runs = {d.name.split("_")[0]: d for d in (tmp_path / "out/robust").iterdir() if d.is_dir()}
+    runs = run_study(tmp_path, "test_convnext", [
+        {"name": "multikrum", "params": {"num_nodes_to_select": 2}}, {"name": "bulyan"},
+        {"name": "qfedavg", "params": {"q": 0.2}}])
     assert set(runs) == {"multikrum", "bulyan", "qfedavg"}
     for name, run_dir in runs.items():
         summary = json.loads((run_dir / "summary.json").read_text())
@@ -174,18 +168,7 @@ def test_qfedavg_refuses_integer_arrays_before_sending_anything():
 
 @pytest.mark.slow
 def test_fedbn_runs_end_to_end_and_says_what_the_global_model_holds(tmp_path):
-    from fl_sim.cli import main
-
-    study = tmp_path / "s.yaml"
-    study.write_text(yaml.safe_dump({
-        "study": "bn", "out": str(tmp_path / "out"),
-        "data": {"dataset": "synthetic", "image_size": 32, "synthetic": {"num_images": 300},
-                 "cache_dir": str(tmp_path / "cache"), "partition": {"num_clients": 3}},
-        "defaults": {"rounds": 2, "batch_size": 32, "model": {"name": "test_resnet"},
-                     "optimizer": {"name": "adamw"}, "strategy": {"name": "fedbn"}},
-    }))
-    assert main(["run", str(study)]) == 0
-    [run_dir] = [d for d in (tmp_path / "out/bn").iterdir() if d.is_dir()]
+    run_dir = run_study(tmp_path, "test_resnet", [{"name": "fedbn"}])["fedbn"]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["complete"] and summary["rounds_done"] == 2
     assert "mean of the clients' BatchNorm statistics" in summary["global_batchnorm"]
