@@ -188,9 +188,13 @@ class StudyProgress:
             self.console.print(f"{self._number(run)}: failed before, in round "
                                f"{failure['round']} ({failure['reason']}), skipped",
                                highlight=False, soft_wrap=True)
-            self.failed.append(f"{run.name}: round {failure['round']}, {failure['reason']}")
+            self._note_failure(run, failure)
             return False
         return True
+
+    def _note_failure(self, run: Run, failed: dict) -> None:
+        """`failed`: a run's {round, client, reason} (summary.json, RunFailed)."""
+        self.failed.append(f"{run.name}: round {failed['round']}, {failed['reason']}")
 
     def execute(self, run: Run, body: Callable[[Callable[[RoundReport], None]], object]) -> None:
         """`body(on_round)` trains the run; a RunFailed is noted and the study carries on."""
@@ -215,7 +219,7 @@ class StudyProgress:
             body(on_round)
         except RunFailed as err:
             self.console.print(f"  {run.name} failed: {err}", highlight=False, soft_wrap=True)
-            self.failed.append(f"{run.name}: round {err.failed['round']}, {err.failed['reason']}")
+            self._note_failure(run, err.failed)
             self.eta.runs_left -= 1
             return
         if not is_complete(run_dir):
@@ -238,27 +242,25 @@ class StudyProgress:
 
 
 def simulation_groups(runs: list[Run]) -> list[list[Run]]:
-    """The runs in the order they execute: the baselines (in this process) first, then the
-    federated runs, one group per set of client resources. Each group is one simulation,
+    """Federated runs, one group per set of client resources. Each group is one simulation,
     so its runs share one Ray start and one set of warm client actors."""
     groups: dict[tuple, list[Run]] = {}
     for run in runs:
         r = run.config.resources
-        key = ("baseline",) if run.config.strategy.name in BASELINES else (r.num_cpus, r.num_gpus)
-        groups.setdefault(key, []).append(run)
-    return sorted(groups.values(), key=lambda g: g[0].config.strategy.name not in BASELINES)
+        groups.setdefault((r.num_cpus, r.num_gpus), []).append(run)
+    return list(groups.values())
 
 
 def _run_all(study: StudyConfig, runs: list[Run], num_clients: int, console: Console,
              verbose: bool, stop: SignalStop) -> list[Path]:
+    """The baselines first (in this process), then each simulation group."""
     progress = StudyProgress(study, runs, num_clients, console)
-    for group in simulation_groups(progress.todo):
-        if group[0].config.strategy.name in BASELINES:
-            for run in group:
-                progress.execute(run, lambda on_round, run=run: BASELINE_RUNS[
-                    run.config.strategy.name](study, run, run.dir(study), on_round=on_round).execute())
-        else:
-            _simulate(study, group, num_clients, progress, verbose, stop)
+    baseline = {r.name: r.config.strategy.name in BASELINES for r in progress.todo}
+    for run in (r for r in progress.todo if baseline[r.name]):
+        progress.execute(run, lambda on_round, run=run: BASELINE_RUNS[
+            run.config.strategy.name](study, run, run.dir(study), on_round=on_round).execute())
+    for group in simulation_groups([r for r in progress.todo if not baseline[r.name]]):
+        _simulate(study, group, num_clients, progress, verbose, stop)
     progress.raise_if_failed()
     return [run.dir(study) for run in runs if is_complete(run.dir(study))]
 

@@ -78,15 +78,14 @@ def exchange(grid: Grid, messages: list[Message], timeout: float) -> list[Messag
     waiting = set(grid.push_messages(messages))
     deadline = time.monotonic() + timeout
     replies: list[Message] = []
-    while waiting:
+    while True:
         stop_if_requested()
         pulled = list(grid.pull_messages(waiting))
         replies += pulled
         waiting -= {m.metadata.reply_to_message_id for m in pulled}
-        if waiting and time.monotonic() < deadline:
-            time.sleep(poll)
-        elif waiting:
+        if not waiting or time.monotonic() >= deadline:
             break
+        time.sleep(poll)
     for reply in replies:
         if not reply.has_error() and "arrays" in reply.content:
             reply.content["arrays"] = unpack(reply.content["arrays"])
