@@ -186,16 +186,14 @@ def _supernode(args: argparse.Namespace) -> int:
             if node.poll() is None:
                 processes.stop_process(node.pid)
             if worker:
-                processes.stop_process(worker.pid)
-                (processes.state_dir() / f"{name}-worker.pid").unlink(missing_ok=True)
+                processes.stop_started(worker.name, worker.pid)
     started = processes.start(name, cmd, processes.SUPERNODE_READY)
     worker = None
     if not args.no_worker:
         try:
             worker = _start_worker(name, args, started.pid)
         except BaseException:
-            processes.stop_process(started.pid)
-            (processes.state_dir() / f"{name}.pid").unlink(missing_ok=True)
+            processes.stop_started(name, started.pid)
             raise
     print(f"{name} running (pid {started.pid}), connected to the SuperLink at {args.superlink} "
           f"as node {started.ready}"

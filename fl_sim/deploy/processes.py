@@ -192,11 +192,16 @@ def start(name: str, cmd: list[str], ready: re.Pattern[str], timeout: float = 60
             break
         time.sleep(0.2)
     code = proc.poll()
-    stop_process(proc.pid)
-    pid_file.unlink(missing_ok=True)
+    stop_started(name, proc.pid)
     tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
     why = f"exited with code {code}" if code is not None else f"was not ready after {timeout:g} s"
     raise FlSimError(f"{name} {why}; the end of its log {log}:\n{tail}")
+
+
+def stop_started(name: str, pid: int) -> None:
+    """Stop a process `start` started and forget its pid file."""
+    stop_process(pid)
+    (state_dir() / f"{name}.pid").unlink(missing_ok=True)
 
 
 def descendants(pid: int) -> list[int]:
