@@ -1,7 +1,9 @@
 """`fl-sim bench`: fl-sim against the plain PyTorch loop and the hardware, side by side.
 
-Three measurements, in one run, appended to BENCHMARKS.md with the device and versions:
+Four measurements, in one run, appended to BENCHMARKS.md with the device and versions:
 - data: images/s from the decoded-image cache vs decoding the JPEGs with PIL in the loop;
+- augmentation: images/s of the training input path with no augmentation, flips and
+  90-degree turns (the default), and every option on (crop, rotation, colour jitter);
 - FL overhead: R rounds of N clients x E epochs in the Simulation Engine vs one process
   doing the same optimizer steps and the same evaluations with the same functions;
 - communication: bytes per round, and the time to pack, unpack, transport and aggregate the
@@ -34,6 +36,7 @@ from rich.table import Table
 from fl_sim.arrays import to_state_dict, weighted_mean
 from fl_sim.client.train import train_local
 from fl_sim.config import DataConfig, ModelConfig, StudyConfig, expand_grid
+from fl_sim.config.schema import AugmentConfig
 from fl_sim.data_partition import prepare_data
 from fl_sim.evaluation import evaluate
 from fl_sim.models import create_model
@@ -41,6 +44,14 @@ from fl_sim.task import build_model
 from fl_sim.transforms import BatchPreprocessor
 
 DEFAULT_HAM = Path("../shared/data/HAM10000-200x150")
+
+# The augmentations compared: none, the default, and every option on at a typical strength.
+AUGMENTATIONS = {
+    "none": AugmentConfig(flips=False),
+    "flips": AugmentConfig(),
+    "full": AugmentConfig(crop_scale=0.7, rotation=15, brightness=0.2, contrast=0.2,
+                          saturation=0.2, hue=0.02),
+}
 
 
 @dataclass
@@ -92,7 +103,7 @@ def _data_row(ham_root: Path, cache: Path, paths: dict[str, str], size: int, bat
         picks = [np.sort(rng.choice(len(path_of_row), batch, replace=False)) for _ in range(batches)]
         start = time.perf_counter()
         for idx in picks:
-            preprocess(load(idx), generator)
+            preprocess(load(idx), generator, AUGMENTATIONS["flips"])
         return time.perf_counter() - start
 
     def cached_batch(idx: np.ndarray) -> np.ndarray:
@@ -110,6 +121,46 @@ def _data_row(ham_root: Path, cache: Path, paths: dict[str, str], size: int, bat
                f"{cached:,.0f} (cache)", f"{decoded:,.0f} (PIL decode)", f"{cached / decoded:.1f}x",
                f"{verdict(cached / decoded >= 5, 'target >= 5x')}; "
                f"cache of {len(path_of_row):,} images built in {build:.0f} s")
+
+
+def bench_augment(sizes: list[int], batches: int, batch: int = 32) -> list[Row]:
+    """images/s of uint8 batches through BatchPreprocessor with each of AUGMENTATIONS: on
+    the CPU with one thread (as `data` measures), and on the GPU when there is one."""
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    threads = torch.get_num_threads()
+    rows = []
+    try:
+        for device in devices:
+            torch.set_num_threads(1 if device.type == "cpu" else threads)
+            rows += [_augment_row(device, size, batches, batch) for size in sizes]
+    finally:
+        torch.set_num_threads(threads)
+    return rows
+
+
+def _augment_row(device: torch.device, size: int, batches: int, batch: int) -> Row:
+    preprocess = BatchPreprocessor(size, ((0.5,) * 3, (0.5,) * 3), device)
+    images = np.random.default_rng(0).integers(0, 256, (batches, batch, size, size, 3), dtype=np.uint8)
+
+    def seconds(augment: AugmentConfig) -> float:
+        generator = torch.Generator().manual_seed(0)
+        start = time.perf_counter()
+        for rows in images:
+            preprocess(rows, generator, augment)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    seconds(AUGMENTATIONS["full"])  # warm-up: allocator, kernels
+    # Best of 3 alternating trials, as in `data`: a burst of load slows one trial, not the ratio.
+    trials = [{name: seconds(aug) for name, aug in AUGMENTATIONS.items()} for _ in range(3)]
+    rate = {name: batches * batch / min(t[name] for t in trials) for name in AUGMENTATIONS}
+    where = "1 thread" if device.type == "cpu" else "GPU"
+    return Row(f"augmentation: images/s at {size} px, batch {batch}, {where}",
+               f"{rate['full']:,.0f} (full set)", f"{rate['flips']:,.0f} (flips)",
+               f"{rate['full'] / rate['flips']:.2f}x",
+               f"none: {rate['none']:,.0f}; full: crop_scale 0.7, rotation 15, brightness, "
+               "contrast, saturation 0.2, hue 0.02")
 
 
 def overhead_study(tmp: Path, rounds: int, clients: int, epochs: int, image_size: int,
@@ -255,11 +306,13 @@ def run_bench(quick: bool, ham_root: Path, output: Path | None, console: Console
                                         num_images=1400, model="test_convnext")]
     elif quick:
         items = [lambda: bench_data(ham_root, sizes=[64], batches=10),
+                 lambda: bench_augment(sizes=[64, 224], batches=10),
                  lambda: bench_overhead(rounds=3, clients=3, epochs=1, image_size=32, num_images=600,
                                         model="test_convnext"),
                  lambda: bench_communication("convnext_tiny", clients=3)]
     else:
         items = [lambda: bench_data(ham_root, sizes=[64, 224], batches=30),
+                 lambda: bench_augment(sizes=[64, 224], batches=30),
                  lambda: bench_overhead(rounds=5, clients=3, epochs=2, image_size=64, num_images=1400,
                                         model="resnet18"),
                  lambda: bench_communication("convnext_large", clients=3, repeats=3)]

@@ -34,6 +34,15 @@ def parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="compare a study's runs: tables, winners, figures")
     report.add_argument("study_dir", help="<out>/<study>, the folder holding the run directories")
 
+    probe = sub.add_parser("probe", help="scikit-learn classifiers on a finished run's "
+                                         "features, beside the network's own head")
+    probe.add_argument("run_dir", help="<out>/<study>/<run>, a run directory")
+    probe.add_argument("--checkpoint", default="best", choices=["best", "last"],
+                       help="best: the best-on-validation round (default); last: the last round")
+    probe.add_argument("--classifiers", default="svm,knn,logreg,rf",
+                       help="comma-separated, of svm, knn, logreg, rf (default: all four)")
+    probe.add_argument("--data-root", help="override data.root (the local dataset copy)")
+
     bench = sub.add_parser("bench", help="fl-sim against the plain PyTorch loop and the hardware")
     bench.add_argument("--quick", action="store_true", help="small sizes: under 2 minutes on 2 cores")
     bench.add_argument("--latency", action="store_true",
@@ -107,6 +116,12 @@ def main(argv: list[str] | None = None) -> int:
             from fl_sim.report import write_report  # pandas/matplotlib: keep other commands fast
 
             console.print(f"report written: {write_report(Path(args.study_dir))}")
+        elif args.command == "probe":
+            from fl_sim.probe import probe_run  # torch, sklearn: load on use
+
+            probe_run(Path(args.run_dir), args.checkpoint, args.classifiers.split(","),
+                      Path(args.data_root) if args.data_root else None, console)
+            console.print(f"probe written: {Path(args.run_dir) / 'probe' / 'probe.json'}")
         elif args.command == "bench":
             from fl_sim.bench import run_bench
 

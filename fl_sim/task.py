@@ -19,6 +19,7 @@ from fl_sim.config import DataConfig, RunConfig
 from fl_sim.data_partition import FederatedData, prepare_data
 from fl_sim.models import create_model, normalization
 from fl_sim.models.clip import create_clip_model
+from fl_sim.models.finetune import freeze, frozen_digest
 from fl_sim.transforms import BatchPreprocessor
 
 
@@ -33,15 +34,20 @@ def build_model(cfg: RunConfig, class_names: Sequence[str],
     """A fresh model of the run (initial weights from the run's seed) on this process's
     device, and the matching batch preprocessor. `class_names` are the readable names: the
     CLIP variant writes them into its prompts."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(cfg.seed)
     if cfg.training == "clip":
         model = create_clip_model(cfg.model, cfg.clip, class_names, image_size)
     else:
         model = create_model(cfg.model, len(class_names), image_size)
-    model = model.to(device).to(memory_format=torch.channels_last)
+    freeze(model, cfg.finetune.trainable)  # the frozen part stays as built, in every process
+    model = model.to(device()).to(memory_format=torch.channels_last)
     input_size = cfg.model.input_size or image_size
-    return model, BatchPreprocessor(input_size, normalization(cfg.model), device)
+    return model, BatchPreprocessor(input_size, normalization(cfg.model), device())
+
+
+def device() -> torch.device:
+    """This process's training device: the GPU where there is one."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 @functools.lru_cache(maxsize=1)
@@ -49,6 +55,12 @@ def load_model(run_json: str, class_names: tuple[str, ...],
                image_size: int) -> tuple[nn.Module, BatchPreprocessor]:
     """build_model, once per process: clients overwrite the weights from every message."""
     return build_model(RunConfig.model_validate_json(run_json), class_names, image_size)
+
+
+@functools.lru_cache(maxsize=1)
+def model_frozen_digest(run_json: str, class_names: tuple[str, ...], image_size: int) -> str:
+    """frozen_digest of load_model's model, once per process: frozen tensors never change."""
+    return frozen_digest(load_model(run_json, class_names, image_size)[0])
 
 
 def client_rng(seed: int, partition_id: int, server_round: int, stream: int) -> np.random.Generator:

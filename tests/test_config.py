@@ -114,3 +114,32 @@ def test_baselines_and_recipes_are_grid_keys_named_in_the_run(tmp_path):
 def test_recipe_mistakes_are_named(tmp_path, defaults, message):
     with pytest.raises(FlSimError, match=message.replace("(", r"\(").replace("`", ".")):
         load_study(write(tmp_path, {"study": "s", "defaults": defaults}))
+
+
+def test_augment_is_a_switch_or_options_and_grids_name_it(tmp_path):
+    path = write(tmp_path, {"study": "s", "defaults": {"augment": {"rotation": 10, "hue": 0.02}},
+                            "grid": {"augment": [False, True, {"crop_scale": 0.7},
+                                                 {"flips": False, "brightness": 0.2}]}})
+    study = load_study(path)
+    assert study.defaults.augment.rotation == 10 and study.defaults.augment.flips
+    runs = expand_grid(study)
+    assert [r.name for r in runs] == [
+        "fedavg_convnext_t_sgd_noaug_s0", "fedavg_convnext_t_sgd_s0",
+        "fedavg_convnext_t_sgd_aug-crop0.7-rot10-h0.02_s0",  # a mapping updates the defaults
+        "fedavg_convnext_t_sgd_aug-noflip-rot10-b0.2-h0.02_s0"]
+    off, flips = runs[0].config.augment, runs[1].config.augment
+    assert not off.enabled and flips.flips and not (flips.geometric or flips.colour)
+
+
+@pytest.mark.parametrize("obj, message", [
+    ({"defaults": {"augment": {"rotation": 200}}},
+     "defaults.augment.rotation: Input should be less than or equal to 180 (got 200)"),
+    ({"defaults": {"augment": {"crop_scale": 0}}}, "defaults.augment.crop_scale: Input should be greater than 0"),
+    ({"defaults": {"augment": {"rotate": 15}}}, "defaults.augment.rotate: unknown key"),
+    ({"grid": {"augment": [{"hue": 0.7}]}}, "grid.augment.hue: Input should be less than or equal to 0.5"),
+    ({"defaults": {"augment": "yes"}}, "defaults.augment: augment takes true, false or options"),
+])
+def test_bad_augment_values_name_the_key(tmp_path, obj, message):
+    with pytest.raises(FlSimError) as info:
+        load_study(write(tmp_path, {"study": "s", **obj}))
+    assert message in str(info.value)

@@ -321,3 +321,25 @@ def test_recipe_tags_name_a_recipe_only_where_they_tell_recipes_apart(tmp_path: 
                   lr_schedule={"name": "cosine", "warmup_rounds": warmup})
     assert sorted(load_study(study).runs["strategy"]) == [
         "fedavg [lr_schedule.warmup_rounds=1]", "fedavg [lr_schedule.warmup_rounds=2]"]
+
+
+def test_probe_section_only_where_a_run_has_a_probe(report: Path, tmp_path: Path):
+    assert "## Feature probes" not in report.read_text()
+    study = write_study(tmp_path / "probed", models=("tiny0",), strategies=STRATEGIES[:1])
+    run_dirs = sorted(d for d in study.iterdir() if d.is_dir())
+    (run_dirs[0] / "probe").mkdir()
+    (run_dirs[0] / "probe" / "probe.json").write_text("{not json")
+    summary = [{"fit": fit, "classifier": name, "on": "global test", "averaged": 1,
+                **{m: base + 0.01 * i for i, m in enumerate(METRICS)}}
+               for fit, name, base in (("head", "head", 0.5), ("pooled", "svm", 0.6))]
+    (run_dirs[1] / "probe").mkdir()
+    (run_dirs[1] / "probe" / "probe.json").write_text(json.dumps(
+        {"checkpoint": "best", "round": 2, "model": "the global model", "features": "f",
+         "skipped": {}, "summary": summary}))
+    text = write_report(study).read_text()
+    section = text.split("## Feature probes")[1].split("\n## ")[0]
+    assert f"### {run_dirs[1].name}" in section and f"### {run_dirs[0].name}" not in section
+    assert f"Unreadable probe/probe.json (run `fl-sim probe` again): `{run_dirs[0].name}`" in section
+    assert ("| pooled | svm | global test | 0.600 | 0.610 | 0.620 | 0.630 | 0.640 | 0.650 "
+            "| +0.100 | +0.100 |") in section
+    assert "| head | head | global test | 0.500 |" in section and "| — | — |" in section

@@ -65,9 +65,10 @@ def test_the_server_step_leaves_batchnorm_statistics_at_the_clients_mean(name, m
     assert arrays.count_bytes() == initial.count_bytes()  # what the next round sends: no float64
 
 
-def run_study(tmp_path, model: str, strategies: list[dict], images: int = 300) -> dict:
-    """`fl-sim run` of a 2-round synthetic study, one run per strategy: their run folders
-    by strategy name."""
+def run_study(tmp_path, model: str, strategies: list[dict], images: int = 300,
+              grid: dict | None = None) -> dict:
+    """`fl-sim run` of a 2-round synthetic study, one run per strategy (times the `grid`'s
+    other alternatives): their run folders by strategy name."""
     from fl_sim.cli import main
 
     study = tmp_path / "s.yaml"
@@ -77,7 +78,7 @@ def run_study(tmp_path, model: str, strategies: list[dict], images: int = 300) -
                  "cache_dir": str(tmp_path / "cache"), "partition": {"num_clients": 3}},
         "defaults": {"rounds": 2, "batch_size": 32, "model": {"name": model},
                      "optimizer": {"name": "adamw"}},
-        "grid": {"strategy": strategies},
+        "grid": {"strategy": strategies, **(grid or {})},
     }))
     assert main(["run", str(study)]) == 0
     return {d.name.split("_")[0]: d for d in (tmp_path / "out/s").iterdir() if d.is_dir()}

@@ -10,16 +10,19 @@ from __future__ import annotations
 import functools
 import time
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fl_sim.arrays import is_packed, pack, to_state_dict
 from fl_sim.client import fedbn
 from fl_sim.client.train import train_local
+from fl_sim.client.train_split import client_synthesis, synthesis_report, train_split
 from fl_sim.config import DataConfig, GlobalTestConfig, PartitionConfig, RunConfig
 from fl_sim.data_partition import FederatedData
+from fl_sim.errors import FlSimError
 from fl_sim.evaluation import evaluate_splits
-from fl_sim.task import client_rng, load_data, load_model
+from fl_sim.models.finetune import load_weights, travelling_state
+from fl_sim.task import client_rng, device, load_data, load_model, model_frozen_digest
 
 app = ClientApp()
 
@@ -69,21 +72,42 @@ def check_partition(data: FederatedData, server_digest: str, cfg: DataConfig) ->
             "(--data-root), or run it with its own data only (--local-data).")
 
 
-def _setup(msg: Message, context: Context):
+def check_frozen(server_digest: str, own_digest: str) -> None:
+    """Partial fine-tuning sends only the trainable tensors: the frozen rest must be the
+    server's, built from the same weights."""
+    if server_digest != own_digest:
+        raise FlSimError(
+            f"this node's frozen weights differ from the server's (digest {own_digest or 'none'}, "
+            f"server {server_digest or 'none'}): with finetune.trainable the frozen part is never "
+            "sent, so every node must build the same pretrained weights (the same weights file, "
+            "timm and fl-sim versions).")
+
+
+def _node_data(msg: Message, context: Context):
+    """The message's settings and this node's data: (config, run_cfg, data_cfg, data,
+    partition, partition id). `partition` indexes this node's data; the client id it
+    reports is its partition-id."""
     config: ConfigRecord = msg.content["config"]
     study_data = DataConfig.model_validate_json(str(config["data-config"]))
     data_cfg, partition = node_data_config(study_data, context.node_config)
-    run_json = str(config["run-config"])
-    run_cfg = RunConfig.model_validate_json(run_json)
+    run_cfg = RunConfig.model_validate_json(str(config["run-config"]))
     data = load_data(data_cfg.model_dump_json())
     if not is_local_data(context.node_config):
         check_partition(data, str(config.get("partition-digest", data.digest)), data_cfg)
+    return config, run_cfg, data_cfg, data, partition, int(context.node_config["partition-id"])
+
+
+def _setup(msg: Message, context: Context):
+    """_node_data, and the model with the message's weights (and, FedBN, its own layers)."""
+    config, run_cfg, data_cfg, data, partition, pid = _node_data(msg, context)
+    run_json = str(config["run-config"])
     model, preprocess = load_model(run_json, tuple(data.class_names), data.images.shape[1])
-    model.load_state_dict(to_state_dict(msg.content["arrays"]), strict=True)
+    check_frozen(str(config.get("frozen-digest", "")),
+                 model_frozen_digest(run_json, tuple(data.class_names), data.images.shape[1]))
+    load_weights(model, to_state_dict(msg.content["arrays"]))
     if run_cfg.strategy.name == "fedbn":
         fedbn.load_own(model, context.state, run_json)
-    # `partition` indexes this node's data; the client id it reports is its partition-id.
-    return config, run_cfg, data, model, preprocess, partition, int(context.node_config["partition-id"])
+    return config, run_cfg, data_cfg, data, model, preprocess, partition, pid
 
 
 def _reply(msg: Message, partition_id: int, num_examples: int, metrics: dict,
@@ -99,12 +123,12 @@ def _reply(msg: Message, partition_id: int, num_examples: int, metrics: dict,
 @app.train()
 @_named
 def train(msg: Message, context: Context) -> Message:
-    config, run_cfg, data, model, preprocess, partition, pid = _setup(msg, context)
+    config, run_cfg, data_cfg, data, model, preprocess, partition, pid = _setup(msg, context)
     server_round = int(config["server-round"])
-    indices = data.indices(partition, "train")
+    images, labels, indices = train_split(data, [partition], run_cfg, data_cfg, preprocess.device)
     start = time.perf_counter()
     result = train_local(
-        model, data.images, data.labels, indices, preprocess, run_cfg,
+        model, images, labels, indices, preprocess, run_cfg,
         rng=client_rng(run_cfg.seed, pid, server_round, stream=0),
         proximal_mu=float(config.get("proximal-mu", 0.0)),
         lr=float(config["lr"]) if "lr" in config else None,
@@ -112,17 +136,31 @@ def train(msg: Message, context: Context) -> Message:
     result["train_time_s"] = time.perf_counter() - start
     if run_cfg.strategy.name == "fedbn":
         fedbn.keep_own(model, context.state, str(config["run-config"]))
-    arrays = ArrayRecord(model.state_dict())
+    arrays = ArrayRecord(travelling_state(model))  # the trainable part only, under finetune
     if is_packed(msg.content["arrays"]):  # a deployed server's wire format: reply in kind
         arrays = pack(arrays)
-    return _reply(msg, pid, len(indices), result, arrays)
+    # Weighted by its own images: generated ones (synthesis) add no weight in aggregation.
+    return _reply(msg, pid, len(data.indices(partition, "train")), result, arrays)
 
 
 @app.evaluate()
 @_named
 def evaluate_global(msg: Message, context: Context) -> Message:
     """The global model on this client's val and test splits (keys `val_*`, `test_*`)."""
-    _, run_cfg, data, model, preprocess, partition, pid = _setup(msg, context)
+    _, run_cfg, _, data, model, preprocess, partition, pid = _setup(msg, context)
     metrics = evaluate_splits(model, data, partition, preprocess, run_cfg.eval_batch_size)
     return _reply(msg, pid, int(metrics["val_n"]), metrics)
 
+
+
+@app.query("synthesize")
+@_named
+def synthesize(msg: Message, context: Context) -> Message:
+    """Rare-class synthesis before round 1: this client's GAN trains on its own train split
+    (or its images come from the client's cache). Only the cost, the counts and a small
+    sample grid per class are sent back, for the run's summary and TensorBoard."""
+    _, run_cfg, data_cfg, data, partition, pid = _node_data(msg, context)
+    made = client_synthesis(data, partition, run_cfg, data_cfg, device())
+    metrics, grid = synthesis_report(made, data.classes)
+    samples = None if grid is None else ArrayRecord({"samples": Array(grid)})
+    return _reply(msg, pid, len(made.labels), metrics, samples)

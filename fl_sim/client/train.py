@@ -13,6 +13,7 @@ from fl_sim.client.recipe import epoch_order, make_loss
 from fl_sim.config import OptimizerConfig, RunConfig
 from fl_sim.evaluation import autocast
 from fl_sim.models.clip import clip_batch_loss
+from fl_sim.models.finetune import train_mode
 from fl_sim.strategies.fedprox import proximal_term
 from fl_sim.transforms import BatchPreprocessor
 
@@ -74,7 +75,7 @@ def train_local(
     the batches as they were trained on, and the number of steps.
     """
     device = preprocess.device
-    model.train()
+    train_mode(model)  # frozen parts (partial fine-tuning) stay in eval mode
     optimizer = make_optimizer(model, cfg.optimizer, lr)
     criterion = make_loss(cfg.loss, labels[indices])
     global_params = (
@@ -93,7 +94,7 @@ def train_local(
             idx = np.sort(order[start:start + cfg.batch_size])
             if len(idx) < 2 and len(order) > 1:
                 continue  # a batch of one breaks BatchNorm; its image returns next epoch
-            x = preprocess(images[idx], generator if cfg.augment else None)
+            x = preprocess(images[idx], generator, cfg.augment)
             y = torch.from_numpy(labels[idx]).to(device)
             with autocast(device):
                 if cfg.training == "clip":

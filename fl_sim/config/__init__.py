@@ -3,15 +3,16 @@ the names and labels of its runs (naming.py)."""
 
 from fl_sim.config.naming import proximal_mu, recipe_label, run_labels, run_name
 from fl_sim.config.schema import (
-    BASELINES, ClipConfig, DataConfig, GlobalTestConfig, LossConfig, LRScheduleConfig,
-    ModelConfig, OptimizerConfig, PartitionConfig, ResourcesConfig, Run, RunConfig,
-    StrategyConfig, StudyConfig,
+    BASELINES, AugmentConfig, ClipConfig, DataConfig, FinetuneConfig, GlobalTestConfig,
+    LossConfig, LRScheduleConfig, ModelConfig, OptimizerConfig, PartitionConfig,
+    ResourcesConfig, Run, RunConfig, StrategyConfig, StudyConfig, SynthesisConfig,
 )
 from fl_sim.config.study import expand_grid, format_validation_error, load_study
 
 __all__ = [
-    "BASELINES", "ClipConfig", "DataConfig", "GlobalTestConfig", "LossConfig", "LRScheduleConfig",
-    "ModelConfig", "OptimizerConfig", "PartitionConfig", "ResourcesConfig", "Run", "RunConfig",
-    "StrategyConfig", "StudyConfig", "expand_grid", "format_validation_error", "load_study",
-    "proximal_mu", "recipe_label", "run_labels", "run_name",
+    "BASELINES", "AugmentConfig", "ClipConfig", "DataConfig", "FinetuneConfig",
+    "GlobalTestConfig", "LossConfig", "LRScheduleConfig", "ModelConfig", "OptimizerConfig",
+    "PartitionConfig", "ResourcesConfig", "Run", "RunConfig", "StrategyConfig", "StudyConfig",
+    "SynthesisConfig", "expand_grid", "format_validation_error", "load_study", "proximal_mu",
+    "recipe_label", "run_labels", "run_name",
 ]

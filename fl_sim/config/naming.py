@@ -10,8 +10,8 @@ from __future__ import annotations
 from fl_sim.config.schema import BASELINES, RunConfig, StrategyConfig
 
 # Grid keys that run_name spells out; other varying scalars are appended as `<key><value>`.
-NAMED_KEYS = {"strategy", "model", "optimizer", "training", "clip", "seed", "loss", "sampler",
-              "lr_schedule"}
+NAMED_KEYS = {"strategy", "model", "finetune", "optimizer", "training", "clip", "seed", "loss",
+              "synthesis", "sampler", "lr_schedule", "augment"}
 
 
 def proximal_mu(strategy: StrategyConfig) -> float:
@@ -28,10 +28,20 @@ def strategy_label(strategy: StrategyConfig) -> str:
     return label
 
 
+def finetune_tag(cfg: RunConfig) -> str:
+    """`head` or `ft0.15` for a partly trained model; '' when all of it trains."""
+    trainable = cfg.finetune.trainable
+    if trainable == "all":
+        return ""
+    return "head" if trainable == "head" else f"ft{trainable:g}"
+
+
 def run_labels(cfg: RunConfig) -> dict[str, str]:
-    """The report's labels of a run: strategy, model (with `-clip` for the CLIP variant),
-    optimizer (with its learning rate where set)."""
-    model = cfg.model.name if cfg.training == "supervised" else f"{cfg.model.name}-{cfg.training}"
+    """The report's labels of a run: strategy, model (with `-clip` for the CLIP variant, and
+    its trained part, e.g. `-head`, where not all of it trains), optimizer (with its learning
+    rate where set)."""
+    model = "-".join(p for p in (cfg.model.name, "" if cfg.training == "supervised"
+                                 else cfg.training, finetune_tag(cfg)) if p)
     optimizer = cfg.optimizer.name
     if cfg.optimizer.lr is not None:
         optimizer += f"-lr{cfg.optimizer.lr:g}"
@@ -39,7 +49,8 @@ def run_labels(cfg: RunConfig) -> dict[str, str]:
 
 
 def recipe_parts(cfg: RunConfig) -> list[str]:
-    """The training recipe where it differs from the defaults: loss, sampler, lr schedule."""
+    """The training recipe where it differs from the defaults: loss, synthesis, sampler, lr
+    schedule."""
     parts = []
     loss = cfg.loss
     if loss.name != "ce" or loss.label_smoothing:
@@ -49,6 +60,10 @@ def recipe_parts(cfg: RunConfig) -> list[str]:
         if loss.label_smoothing:
             tag += f"-ls{loss.label_smoothing:g}"
         parts.append(tag)
+    if cfg.synthesis is not None:  # e.g. dcgan200, dcgan200-df-vasc
+        classes = cfg.synthesis.classes
+        parts.append("-".join([f"{cfg.synthesis.method}{cfg.synthesis.per_class}",
+                               *([] if classes == "minority" else classes)]))
     if cfg.sampler != "shuffle":
         parts.append(cfg.sampler)
     if cfg.lr_schedule.name != "constant":
@@ -61,11 +76,34 @@ def recipe_label(cfg: RunConfig) -> str:
     return "-".join(recipe_parts(cfg)) or "ce"
 
 
+# Augmentation options as they appear in a run name, e.g. `aug-crop0.7-rot15-b0.2`.
+AUGMENT_TAGS = {"crop_scale": "crop", "rotation": "rot", "brightness": "b", "contrast": "c",
+                "saturation": "s", "hue": "h"}
+
+
+def augment_tag(cfg: RunConfig) -> str:
+    """'' for the default (flips and 90-degree turns), `noaug` for none, else `aug-` and the
+    options that are on, e.g. `aug-crop0.7-rot15` or `aug-noflip-b0.2`."""
+    aug = cfg.augment
+    if not aug.enabled:
+        return "noaug"
+    values = {key: getattr(aug, key) for key in AUGMENT_TAGS}
+    if values["crop_scale"] == 1:
+        values["crop_scale"] = None  # the whole image: no crop
+    parts = [f"{AUGMENT_TAGS[key]}{value:g}" for key, value in values.items() if value]
+    if parts and not aug.flips:
+        parts.insert(0, "noflip")
+    return "-".join(["aug", *parts]) if parts else ""
+
+
 def run_name(cfg: RunConfig) -> str:
     """Stable, readable, e.g. `fedprox-mu0.01_convnext_t_sgd_s0`, `pooled_convnext_t_sgd_wce_cosine_s0`."""
     labels = run_labels(cfg)
     parts = [labels["strategy"], cfg.model.name.replace("/", "-"), labels["optimizer"]]
+    if finetune_tag(cfg):
+        parts.insert(2, finetune_tag(cfg))
     if cfg.training == "clip":
         tower = cfg.clip.text_model.rstrip("/").rsplit("/", 1)[-1].replace(":", "-")
         parts.append(f"clip-{tower}" + ("" if cfg.clip.loss == "clip" else f"-{cfg.clip.loss}"))
-    return "_".join([*parts, *recipe_parts(cfg)]) + f"_s{cfg.seed}"
+    tail = [*recipe_parts(cfg), augment_tag(cfg)]
+    return "_".join([*parts, *filter(None, tail)]) + f"_s{cfg.seed}"

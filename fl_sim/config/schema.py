@@ -131,6 +131,15 @@ class ModelConfig(Strict):
     kwargs: dict[str, Any] = Field({}, description="passed to timm.create_model (drop_path_rate, ...)")
 
 
+class FinetuneConfig(Strict):
+    """Which part of the model trains, and so travels between server and clients; the frozen
+    rest stays as built (pretrained) on every side. See fl_sim.models.finetune."""
+
+    trainable: Annotated[float, Field(gt=0, le=1)] | Literal["all", "head"] = Field(
+        "all", description="all; head (linear probing); or a fraction f: whole blocks from the "
+                           "head backwards holding at least f of the parameter tensors")
+
+
 class OptimizerConfig(Strict):
     """Name plus the paper's defaults; any value set here overrides the default."""
 
@@ -218,6 +227,21 @@ class LRScheduleConfig(Strict):
         return self
 
 
+class SynthesisConfig(Strict):
+    """Rare-class synthesis: before round 1 each client trains a small conditional DCGAN on
+    its own train split and adds generated images of `classes` to its train split only. The
+    GAN and its images never leave the client (a small sample grid goes to TensorBoard)."""
+
+    method: Literal["dcgan"] = "dcgan"
+    classes: Literal["minority"] | list[str] = Field(
+        "minority", description="minority: the client's classes with fewer train images than "
+                                "its mean per class; or class codes, e.g. [df, vasc]")
+    per_class: int = Field(200, ge=1, le=100_000, description="generated images per class")
+    steps: int = Field(600, ge=1, le=1_000_000,
+                       description="GAN training steps (~2 min for 2,000 images at 64 px, 2 cores)")
+    batch_size: int = Field(32, ge=2, le=4096, description="GAN training batch")
+
+
 class ResourcesConfig(Strict):
     """Per simulated client, handed to Flower's Ray backend (scheduling hints, not limits)."""
 
@@ -246,6 +270,44 @@ class ClipConfig(Strict):
         return self
 
 
+class AugmentConfig(Strict):
+    """Random, label-preserving changes of each training image, drawn on the batch from the
+    run's seed (fl_sim.transforms; docs/augmentation.md). `augment: true` is this model's
+    defaults (flips and 90-degree turns), `augment: false` turns everything off; an option
+    at 0 (crop_scale: null or 1, flips: false) is off."""
+
+    flips: bool = Field(True, description="one of the 8 flips / 90-degree turns per image")
+    crop_scale: float | None = Field(
+        None, gt=0, le=1, description="random resized crop: a square of area fraction uniform "
+                                      "in [crop_scale, 1], resized to the input size")
+    rotation: float = Field(0, ge=0, le=180, description="degrees: a turn uniform in [-rotation, rotation]")
+    brightness: float = Field(0, ge=0, le=1, description="factor uniform in [1 - v, 1 + v]")
+    contrast: float = Field(0, ge=0, le=1, description="factor uniform in [1 - v, 1 + v]")
+    saturation: float = Field(0, ge=0, le=1, description="factor uniform in [1 - v, 1 + v]")
+    hue: float = Field(0, ge=0, le=0.5, description="a turn of the YIQ chroma plane, in [-v, v] turns")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _switch(cls, data: Any) -> Any:
+        if isinstance(data, bool):
+            return {} if data else {"flips": False}
+        if not isinstance(data, (dict, AugmentConfig)):
+            raise ValueError("augment takes true, false or options, e.g. {flips: true, rotation: 15}")
+        return data
+
+    @property
+    def geometric(self) -> bool:
+        return self.crop_scale not in (None, 1) or self.rotation > 0
+
+    @property
+    def colour(self) -> bool:
+        return any((self.brightness, self.contrast, self.saturation, self.hue))
+
+    @property
+    def enabled(self) -> bool:
+        return self.flips or self.geometric or self.colour
+
+
 class RunConfig(Strict):
     """Everything one run needs; `defaults` in experiments.yaml, varied by `grid`."""
 
@@ -254,12 +316,16 @@ class RunConfig(Strict):
     batch_size: int = Field(32, ge=1, le=4096)
     eval_batch_size: int = Field(128, ge=1, le=16_384)
     model: ModelConfig = ModelConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
     optimizer: OptimizerConfig = OptimizerConfig()
     strategy: StrategyConfig = StrategyConfig()
     training: Literal["supervised", "clip"] = "supervised"
     clip: ClipConfig = ClipConfig()
-    augment: bool = Field(True, description="random flips and 90-degree rotations of training batches")
+    augment: AugmentConfig = Field(
+        AugmentConfig(), description="true: flips and 90-degree turns; false: none; or options")
     loss: LossConfig = LossConfig()
+    synthesis: SynthesisConfig | None = Field(
+        None, description="rare-class synthesis at each client (null: none)")
     sampler: Literal["shuffle", "balanced"] = Field(
         "shuffle", description="balanced: draw each epoch's images with probability 1/class count")
     lr_schedule: LRScheduleConfig = LRScheduleConfig()

@@ -96,7 +96,7 @@ def _echo(value: Any) -> str:
 
 
 # What a scalar alternative of a sub-config sets (`model: [convnext_t, swin_t]`).
-SCALAR_KEY = {"clip": "text_model", "resources": "num_cpus"}
+SCALAR_KEY = {"clip": "text_model", "resources": "num_cpus", "finetune": "trainable"}
 
 
 def expand_grid(study: StudyConfig) -> list[Run]:
@@ -118,8 +118,9 @@ def _expand_one(base: dict[str, Any], keys: list[str], combo: tuple) -> Run:
     raw = dict(base)
     for key, value in zip(keys, combo):
         # A sub-config (model, optimizer, strategy, ...) is updated, not replaced: a scalar
-        # alternative sets its name (see SCALAR_KEY), a mapping sets the keys it names.
-        if isinstance(base[key], dict):
+        # alternative sets its name (see SCALAR_KEY), a mapping sets the keys it names; a
+        # switch (`augment: [false, true]`) replaces it whole, as it would in `defaults`.
+        if isinstance(base[key], dict) and not isinstance(value, bool):
             update = value if isinstance(value, dict) else {SCALAR_KEY.get(key, "name"): value}
             raw[key] = {**base[key], **update}
         else:

@@ -1,7 +1,8 @@
 """`fl-sim report STUDY_DIR`: compare a study's runs in STUDY_DIR/report/.
 
 Writes report.md (winners, tables, figures), test_metrics.csv (the same numbers,
-unrounded) and PNG figures, from the files `fl-sim run` leaves in each run directory.
+unrounded) and PNG figures, from the files `fl-sim run` leaves in each run directory (and
+the probe/probe.json of `fl-sim probe`, where a run has one).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from pathlib import Path
 from fl_sim.report.collect import REPORT_DIR, Study, load_study
 from fl_sim.report.markdown import render
 from fl_sim.report.plots import write_figures
+from fl_sim.report.probes import probes_section
 from fl_sim.report.tables import seed_table, versus_pooled
 
 __all__ = ["Study", "load_study", "seed_table", "write_report"]
@@ -28,5 +30,6 @@ def write_report(study_dir: Path) -> Path:
     table.to_csv(out / "test_metrics.csv", index=False)
     versus = versus_pooled(table, study.runs)
     figures = write_figures(study.rows, table, versus, out)
-    (out / "report.md").write_text(render(study, table, versus, figures), encoding="utf-8")
+    (out / "report.md").write_text(render(study, table, versus, figures, probes_section(study)),
+                                   encoding="utf-8")
     return out / "report.md"

@@ -22,6 +22,7 @@ from torch import nn
 
 from fl_sim.arrays import to_state_dict
 from fl_sim.client.train import train_local
+from fl_sim.client.train_split import client_synthesis, synthesis_report, train_split
 from fl_sim.evaluation import evaluate, evaluate_splits
 from fl_sim.server.loop import FederatedRun, PhaseTimer, RunState, train_row
 from fl_sim.server.run_log import RunLog
@@ -34,15 +35,34 @@ class BaselineRun(FederatedRun):
     def _initial(self) -> tuple[ArrayRecord, Any]:
         return ArrayRecord(self.model.state_dict()), None  # no strategy
 
-    def _train_on(self, indices: np.ndarray, rng_client: int, server_round: int) -> dict:
-        """train_local on `indices` with the round's learning rate; its train row."""
+    # Nothing travels: the arrays are whole models (LocalRun: one per client), as saved.
+    def _arrays_of(self, state_dict: dict[str, torch.Tensor]) -> ArrayRecord:
+        return ArrayRecord(state_dict)
+
+    def _checkpoint_state(self, arrays: ArrayRecord) -> OrderedDict[str, torch.Tensor]:
+        return to_state_dict(arrays)
+
+    def _synthesize(self, arrays: ArrayRecord, grid: Any, state: RunState, log: RunLog) -> dict:
+        """Each client's synthesis, in this process (as its own client would do it)."""
+        reports = []
+        for c in self.clients:
+            made = client_synthesis(self.data, c, self.cfg, self.study.data, self.preprocess.device)
+            metrics, samples = synthesis_report(made, self.data.classes)
+            reports.append(({"partition-id": c, **metrics}, samples))
+        return self._log_synthesis(reports, log)
+
+    def _train_on(self, clients: list[int], rng_client: int, server_round: int) -> dict:
+        """train_local on the train splits of `clients` (with their generated images, under
+        synthesis) at the round's learning rate; its train row."""
+        images, labels, indices = train_split(self.data, clients, self.cfg, self.study.data,
+                                              self.preprocess.device)
         start = time.perf_counter()
-        result = train_local(self.model, self.data.images, self.data.labels, indices,
-                             self.preprocess, self.cfg,
+        result = train_local(self.model, images, labels, indices, self.preprocess, self.cfg,
                              rng=client_rng(self.cfg.seed, rng_client, server_round, stream=0),
                              lr=float(self.config["lr"]))
         result["train_time_s"] = time.perf_counter() - start
-        return train_row(result, len(indices))
+        # `n` counts the clients' own images, as a federated client's reply does.
+        return train_row(result, int((indices < len(self.data.images)).sum()))
 
     def _metrics_of(self, client: int) -> dict:
         """The loaded model on `client`'s val and test splits, as a client would report them."""
@@ -58,8 +78,7 @@ class PooledRun(BaselineRun):
     def _train(self, server_round: int, arrays: ArrayRecord, strategy: Any, grid: Any,
                state: RunState, phase: PhaseTimer) -> tuple[ArrayRecord, dict]:
         self.model.load_state_dict(to_state_dict(arrays), strict=True)
-        rows = np.concatenate([self.data.indices(c, "train") for c in self.clients])
-        row = self._train_on(rows, 0, server_round)
+        row = self._train_on(list(self.clients), 0, server_round)
         phase("train")
         return ArrayRecord(self.model.state_dict()), {None: row}
 
@@ -102,7 +121,7 @@ class LocalRun(BaselineRun):
         rows, states = {}, []
         for c in self.clients:
             self._load(arrays, c)
-            rows[c] = self._train_on(self.data.indices(c, "train"), c, server_round)
+            rows[c] = self._train_on([c], c, server_round)
             states.append({k: v.detach().clone() for k, v in self.model.state_dict().items()})
         phase("train")
         return pack_clients(states), rows

@@ -13,6 +13,7 @@ import logging
 import os
 import pickle
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -20,7 +21,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 import yaml
-from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.superlink.grid import InMemoryGrid
 from sklearn.metrics import confusion_matrix
@@ -28,10 +29,12 @@ from sklearn.metrics import confusion_matrix
 from fl_sim.arrays import is_packed, pack, to_state_dict, unpack
 from fl_sim.client.fedbn import GLOBAL_BATCHNORM, batchnorm_keys
 from fl_sim.client.train import optimizer_kwargs
+from fl_sim.client.train_split import synthesis_classes
 from fl_sim.config import Run, RunConfig, StudyConfig, proximal_mu
 from fl_sim.errors import FlSimError
 from fl_sim.evaluation import predict
 from fl_sim.metrics import HEADLINE, classification_metrics
+from fl_sim.models.finetune import frozen_digest, load_weights, travelling_state
 from fl_sim.server.failures import (
     WRITE_ERRORS, RunFailed, check_finite, failed_before, finite_or_null,
     not_resumed, rounds_kept, stop_if_requested, stop_requested,
@@ -165,6 +168,7 @@ class RunState:
     round_seconds: list[float] = field(default_factory=list)
     schedule: dict[str, Any] = field(default_factory=dict)  # LRSchedule.state()
     stopped: dict[str, Any] | None = None  # {"round", "reason"} of an early stop
+    synthesis: dict[str, Any] = field(default_factory=dict)  # client -> cost and counts
 
 
 def train_row(metrics: Any, n: int) -> dict[str, Any]:
@@ -214,6 +218,17 @@ class FederatedRun:
         # The digest lets a SuperNode check that its copy of the data splits as ours does.
         self.config = ConfigRecord({"data-config": data_json, "partition-digest": self.data.digest,
                                     "run-config": self.cfg.model_dump_json()})
+        # Partial fine-tuning: messages carry the trainable part; the frozen rest is what
+        # every process builds, which clients check against this digest.
+        sent = travelling_state(self.model)
+        self.frozen = OrderedDict((k, v.detach().clone()) for k, v in self.model.state_dict().items()
+                                  if k not in sent)
+        if self.frozen:
+            self.config["frozen-digest"] = frozen_digest(self.model)
+        self.trained_part = {  # summary.json: what trains (and travels, in a federated run)
+            "trained_tensors": len(sent), "tensors": len(sent) + len(self.frozen),
+            "trained_bytes": sum(t.nbytes for t in sent.values()),
+            "bytes": sum(t.nbytes for t in self.model.state_dict().values())}
         if len(self.data.indices("global", "test")) == 0:
             raise FlSimError("the server has no global test set (data.global_test.source: none "
                              "is for a SuperNode's own data): use holdout or isic2018.")
@@ -224,6 +239,8 @@ class FederatedRun:
                              f"{self.cfg.model.name} has none (ConvNeXt, ViT and Swin use "
                              "LayerNorm): it would be FedAvg. Use fedavg, or a model with "
                              "BatchNorm (resnet, efficientnet, tf_efficientnet_lite0).")
+        if self.cfg.synthesis is not None:
+            synthesis_classes(self.cfg.synthesis, self.data.classes)  # names known classes
         if self.min_clients > self.data.num_clients:
             raise FlSimError(f"min_clients {self.min_clients} exceeds the partition's "
                              f"{self.data.num_clients} clients: lower it.")
@@ -261,7 +278,7 @@ class FederatedRun:
                 self._link_best(last)  # the crash came between last.pt and best.pt
             self._keep_rows_up_to(state.round)
             self._write_summary(state, done=False)  # it may lag the checkpoints by a round
-            return ArrayRecord(ckpt["state_dict"]), pickle.loads(ckpt["strategy"]), state
+            return (self._arrays_of(ckpt["state_dict"]), pickle.loads(ckpt["strategy"]), state)
         # A fresh start keeps nothing of an earlier one cut before its first checkpoint.
         for stale in (*self.run_dir.glob("events.out.tfevents.*"), folder / "best.pt",
                       self.run_dir / "summary.json"):
@@ -279,9 +296,18 @@ class FederatedRun:
         """The initial weights (the run's seeded model) and the strategy."""
         params = self.model.named_parameters(remove_duplicate=False)
         strategy = build_strategy(self.cfg.strategy, self.data.num_clients, self.min_clients,
-                                  trainable=[name for name, _ in params],
+                                  trainable=[name for name, p in params if p.requires_grad],
                                   client_lr=optimizer_kwargs(self.cfg.optimizer)["lr"])
-        return ArrayRecord(self.model.state_dict()), strategy
+        return ArrayRecord(travelling_state(self.model)), strategy
+
+    def _arrays_of(self, state_dict: dict[str, torch.Tensor]) -> ArrayRecord:
+        """The round's arrays from a checkpoint's whole model: its travelling tensors."""
+        return ArrayRecord(OrderedDict((k, v) for k, v in state_dict.items() if k not in self.frozen))
+
+    def _checkpoint_state(self, arrays: ArrayRecord) -> OrderedDict[str, torch.Tensor]:
+        """The whole model for a checkpoint: the round's arrays beside the frozen part, so
+        best.pt and last.pt load into a model as they are."""
+        return OrderedDict({**self.frozen, **to_state_dict(arrays)})
 
     def _keep_rows_up_to(self, server_round: int) -> None:
         """Drop metric rows of a round that was cut off (it will be repeated)."""
@@ -317,7 +343,7 @@ class FederatedRun:
             with open(tmp, "wb") as f:
                 torch.save({"round": state.round, "run": self.run.name,
                             "classes": self.data.classes, "config": self.resolved,
-                            "state_dict": to_state_dict(arrays), "strategy": pickle.dumps(strategy),
+                            "state_dict": self._checkpoint_state(arrays), "strategy": pickle.dumps(strategy),
                             "state": dataclasses.asdict(state)}, f)
             if is_best:
                 os.link(tmp, best_tmp)
@@ -338,7 +364,7 @@ class FederatedRun:
     # ------------------------------------------------------------------ steps
 
     def _global_eval(self, server_round: int, arrays: ArrayRecord, log: RunLog) -> dict:
-        self.model.load_state_dict(to_state_dict(arrays), strict=True)
+        load_weights(self.model, to_state_dict(arrays))
         rows = self.data.indices("global", "test")
         y_pred, loss = predict(self.model, self.data.images, self.data.labels, rows,
                                self.preprocess, self.cfg.eval_batch_size)
@@ -358,6 +384,33 @@ class FederatedRun:
                                     for m in replies})
         state.bytes_received += sum(payload_bytes(m) for m in replies)
         return replies
+
+    def _synthesize(self, arrays: ArrayRecord, grid: Grid, state: RunState, log: RunLog) -> dict:
+        """Rare-class synthesis before round 1: every client trains its GAN on its own train
+        split (or reads its cache). What comes back: per client the seconds it took, the
+        images generated per class, and a sample grid for TensorBoard."""
+        wait_for_clients(grid, self.min_clients, self.cfg.round_timeout_s, 0)
+        content = RecordDict({"config": self.config})
+        messages = [Message(content=content, message_type="query.synthesize", dst_node_id=node)
+                    for node in grid.get_node_ids()]
+        replies = self._exchange(messages, grid, "synthesize", 0, state)
+        return self._log_synthesis(
+            [(dict(r.content["metrics"]), to_state_dict(r.content["arrays"])["samples"].numpy()
+              if "arrays" in r.content else None) for r in replies], log)
+
+    def _log_synthesis(self, reports: list[tuple[dict, np.ndarray | None]], log: RunLog) -> dict:
+        """summary.json's `synthesis` (client -> seconds, from_cache, generated per class)
+        from the clients' reports (metrics, sample grid); the grids go to TensorBoard."""
+        summary = {}
+        for metrics, samples in reports:
+            client = int(metrics["partition-id"])
+            summary[str(client)] = {
+                "seconds": metrics["synthesis_s"], "from_cache": bool(metrics["from_cache"]),
+                "generated": {k.removeprefix("generated_"): int(v) for k, v in metrics.items()
+                              if k.startswith("generated_")}}
+            if samples is not None:
+                log.image(f"synthesis/client{client}", samples, 0)
+        return summary
 
     def _log_clients(self, server_round: int, evaluations: list[dict], log: RunLog) -> dict:
         """Per-client val/test rows from each client's `partition-id`, `val_*` and `test_*`
@@ -474,6 +527,8 @@ class FederatedRun:
         schedule = LRSchedule(self.cfg.lr_schedule, optimizer_kwargs(self.cfg.optimizer)["lr"],
                               self.cfg.rounds, state.schedule)
         if state.round == 0:
+            if self.cfg.synthesis is not None:
+                state.synthesis = self._synthesize(arrays, grid, state, log)
             self._global_eval(0, arrays, log)
             log.commit()  # round 0 (the initial model) stays, whatever stops round 1
         for server_round in range(state.round + 1, self.cfg.rounds + 1):
@@ -539,6 +594,9 @@ class FederatedRun:
             "round_seconds": state.round_seconds,
             "bytes_sent": state.bytes_sent,
             "bytes_received": state.bytes_received,
+            **({"synthesis": state.synthesis} if state.synthesis else {}),
+            **({"finetune": {"trainable": self.cfg.finetune.trainable, **self.trained_part}}
+               if self.frozen else {}),
             # What the global evaluation's model holds where clients keep their own layers.
             **({"global_batchnorm": GLOBAL_BATCHNORM} if self.cfg.strategy.name == "fedbn" else {}),
         })

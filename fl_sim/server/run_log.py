@@ -125,6 +125,11 @@ class RunLog:
         with self.writing(self.events):
             self._tb.add_scalar(tag, value, server_round)
 
+    def image(self, tag: str, image: np.ndarray, server_round: int) -> None:
+        """A uint8 HWC image (e.g. a grid of a client's generated images)."""
+        with self.writing(self.events):
+            self._tb.add_image(tag, image, server_round, dataformats="HWC")
+
     def confusion(self, tag: str, matrix: np.ndarray, classes: list[str], server_round: int) -> None:
         """The confusion matrix as an image (rows: true class, columns: predicted)."""
         self._wait_for_figure()  # one in flight at most; its error surfaces here
