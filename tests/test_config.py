@@ -124,7 +124,7 @@ def test_augment_is_a_switch_or_options_and_grids_name_it(tmp_path):
     assert study.defaults.augment.rotation == 10 and study.defaults.augment.flips
     runs = expand_grid(study)
     assert [r.name for r in runs] == [
-        "fedavg_convnext_t_sgd_noaug_s0", "fedavg_convnext_t_sgd_s0",
+        "fedavg_convnext_t_sgd_s0_augmentFalse", "fedavg_convnext_t_sgd_s0_augmentTrue",
         "fedavg_convnext_t_sgd_aug-crop0.7-rot10-h0.02_s0",  # a mapping updates the defaults
         "fedavg_convnext_t_sgd_aug-noflip-rot10-b0.2-h0.02_s0"]
     off, flips = runs[0].config.augment, runs[1].config.augment

@@ -100,6 +100,21 @@ def test_finetune_settings_name_their_runs_and_are_checked():
             RunConfig.model_validate({"finetune": {"trainable": bad}})
 
 
+def test_fedbn_is_refused_where_no_batchnorm_layer_trains(tmp_path):
+    from fl_sim.config import StudyConfig
+    from fl_sim.server.loop import FederatedRun
+
+    study = StudyConfig.model_validate({
+        "study": "s", "out": str(tmp_path),
+        "data": {"dataset": "synthetic", "image_size": 32, "synthetic": {"num_images": 140},
+                 "cache_dir": str(tmp_path / "cache")},
+        "defaults": {"model": {"name": "test_resnet"}, "strategy": {"name": "fedbn"},
+                     "finetune": {"trainable": "head"}}})
+    [run] = expand_grid(study)
+    with pytest.raises(FlSimError, match=r"test_resnet trains none \(finetune.trainable head\)"):
+        FederatedRun(study, run, run.dir(study))
+
+
 @pytest.mark.slow
 def test_a_partial_run_sends_and_receives_the_trainable_tensors_only(tmp_path):
     run_study(tmp_path, "test_resnet", [{"name": "fedavg"}], images=210,

@@ -285,10 +285,11 @@ def test_data_that_splits_otherwise_than_partition_csv_is_refused(pooled, tmp_pa
         probe_run(run_dir, console=QUIET)
 
 
-def test_a_client_whose_train_split_holds_one_class_is_named():
+def test_a_client_whose_train_split_holds_one_class_is_skipped_and_named():
     one = Split(np.zeros((4, 2)), np.zeros(4, dtype=int), np.arange(4), np.zeros(4, dtype=int))
     two = Split(np.eye(4)[:, :2], np.array([0, 1, 0, 1]), np.arange(4), np.zeros(4, dtype=int))
     features = {(c, s): (one if c == 1 and s == "train" else two)
                 for c in range(2) for s in ("train", "val", "test", "global_test")}
-    with pytest.raises(FlSimError, match="client 1's train split holds a single class"):
-        fits.per_client_fits(features, range(2), ["knn"], "bacc", 2, seed=0)
+    rows, chosen, skipped = fits.per_client_fits(features, range(2), ["knn"], "bacc", 2, seed=0)
+    assert skipped == {"per_client client 1": "no fit: its train split holds a single class"}
+    assert {r["client"] for r in rows} == {0} and [c["client"] for c in chosen] == [0]

@@ -6,6 +6,7 @@ import pytest
 from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
+from fl_sim.config import RunConfig
 from fl_sim.errors import FlSimError
 from fl_sim.server.loop import results_config, send_and_check, wait_for_clients
 
@@ -86,4 +87,15 @@ def test_a_run_resumes_under_other_resources_but_not_another_configuration():
     now["run_config"]["resources"] = {"num_cpus": "auto", "num_gpus": 0.5}
     assert results_config(now) == results_config(saved)
     now["run_config"]["optimizer"]["lr"] = 0.1
+    assert results_config(now) != results_config(saved)
+
+
+def test_a_run_saved_before_a_key_was_added_resumes_under_its_default():
+    saved = {"study": "s", "run": "r", "data": {"dataset": "synthetic"},
+             "run_config": {"rounds": 5, "augment": True}}  # no finetune, no synthesis yet
+    now = {**saved,
+           "run_config": RunConfig.model_validate(saved["run_config"]).model_dump(mode="json")}
+    assert "finetune" in now["run_config"] and isinstance(now["run_config"]["augment"], dict)
+    assert results_config(now) == results_config(saved)
+    now["run_config"]["finetune"] = {"trainable": "head"}
     assert results_config(now) != results_config(saved)

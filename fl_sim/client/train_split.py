@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -61,7 +62,7 @@ def client_synthesis(data: FederatedData, partition: int, run_cfg: RunConfig,
                       str(data_cfg.cache_dir or default_cache_dir()), str(device))
 
 
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=64)  # every client of a pooled or local baseline
 def _synthesis(data: FederatedData, partition: int, settings_json: str, cache_dir: str,
                device: str) -> Synthesized:
     run = RunConfig.model_validate_json(settings_json)
@@ -69,7 +70,11 @@ def _synthesis(data: FederatedData, partition: int, settings_json: str, cache_di
     settings = SynthesisSettings(method=cfg.method, classes=synthesis_classes(cfg, data.classes),
                                  per_class=cfg.per_class, steps=cfg.steps,
                                  batch_size=cfg.batch_size)
-    key = hashlib.sha256(f"{data.digest}|{partition}|{settings_json}".encode()).hexdigest()[:16]
+    # The decoded-image cache's name (dataset, size, resize, source files) beside the
+    # partition's digest: the GAN learnt from these pixels, not from another resize's.
+    pixels = Path(getattr(data.images, "filename", None) or "in-memory").name
+    key = hashlib.sha256(f"{pixels}|{data.digest}|{partition}|{settings_json}".encode()
+                         ).hexdigest()[:16]
     seed = int(np.random.default_rng([run.seed, partition, 1]).integers(2**31))
     return synthesize(data.images, data.labels, data.indices(partition, "train"),
                       len(data.classes), settings, seed, f"{cache_dir}/synthesis",

@@ -11,7 +11,7 @@ from fl_sim.config.schema import BASELINES, RunConfig, StrategyConfig
 
 # Grid keys that run_name spells out; other varying scalars are appended as `<key><value>`.
 NAMED_KEYS = {"strategy", "model", "finetune", "optimizer", "training", "clip", "seed", "loss",
-              "synthesis", "sampler", "lr_schedule", "augment"}
+              "synthesis", "sampler", "lr_schedule"}
 
 
 def proximal_mu(strategy: StrategyConfig) -> float:
@@ -82,11 +82,12 @@ AUGMENT_TAGS = {"crop_scale": "crop", "rotation": "rot", "brightness": "b", "con
 
 
 def augment_tag(cfg: RunConfig) -> str:
-    """'' for the default (flips and 90-degree turns), `noaug` for none, else `aug-` and the
-    options that are on, e.g. `aug-crop0.7-rot15` or `aug-noflip-b0.2`."""
+    """`aug-` and the options that are on, e.g. `aug-crop0.7-rot15` or `aug-noflip-b0.2`; ''
+    for the plain switch (true: flips and 90-degree turns; false: none), whose names predate
+    the options (in a grid, `_augmentTrue` / `_augmentFalse` tell its runs apart)."""
     aug = cfg.augment
     if not aug.enabled:
-        return "noaug"
+        return ""
     values = {key: getattr(aug, key) for key in AUGMENT_TAGS}
     if values["crop_scale"] == 1:
         values["crop_scale"] = None  # the whole image: no crop

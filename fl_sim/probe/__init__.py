@@ -56,13 +56,14 @@ def probe_run(run_dir: Path, checkpoint: str = "best", classifiers: Sequence[str
         def on_fit(what: str) -> None:
             status.update(f"fitting {what}")
 
-        own, chosen = per_client_fits(features, clients, classifiers, metric, num_classes,
-                                      cfg.seed, on_fit)
+        own, chosen, skipped_clients = per_client_fits(features, clients, classifiers, metric,
+                                                       num_classes, cfg.seed, on_fit)
         rows += own
-        if not skipped:
+        if "pooled" not in skipped:
             pooled, pooled_chosen = pooled_fits(features, clients, classifiers, metric,
                                                 num_classes, cfg.seed, on_fit)
             rows, chosen = rows + pooled, chosen + pooled_chosen
+    skipped.update(skipped_clients)
     dim = int(features[(0, "train")].x.shape[1])
     probe = {
         "run": run.run_dir.name, "checkpoint": checkpoint, "round": run.round,

@@ -37,7 +37,8 @@ REPORT_DIR = "report"
 _NAMED_KEYS = {
     "run_config.seed", "run_config.strategy.name", "run_config.strategy.proximal_mu",
     "run_config.strategy.weighting", "run_config.model.name", "run_config.optimizer.name",
-    "run_config.optimizer.lr", "run_config.training", "data.cache_dir",
+    "run_config.optimizer.lr", "run_config.training", "run_config.finetune.trainable",
+    "data.cache_dir",
 }
 _HINT_PREFIXES = ("run_config.resources.",)  # scheduling hints for Ray, not settings
 
@@ -188,13 +189,16 @@ def _read_rows(run_dir: Path, on_torn: Callable[[int], None]) -> list[dict[str, 
 
 def _varying_settings(configs: list[dict[str, Any]]) -> pd.DataFrame:
     """One row per run: the config keys that vary across runs but no label names."""
-    flat = pd.DataFrame([_flatten({k: c.get(k) for k in ("data", "run_config")}) for c in configs])
+    # Through the schema: a key added since a run was made reads as its default there.
+    flat = pd.DataFrame([_flatten({"data": c.get("data"), "run_config": RunConfig.model_validate(
+        c["run_config"]).model_dump(mode="json")}) for c in configs])
     return flat[[k for k in flat.columns if k not in _NAMED_KEYS
                  and not k.startswith(_HINT_PREFIXES) and flat[k].nunique(dropna=False) > 1]]
 
 
 # Run settings that `recipe_label` spells in a few letters (`wce-cosine`).
-_RECIPE_PREFIXES = ("run_config.loss.", "run_config.sampler", "run_config.lr_schedule.")
+_RECIPE_PREFIXES = ("run_config.loss.", "run_config.synthesis", "run_config.sampler",
+                    "run_config.lr_schedule.")
 
 
 def _recipe_tags(settings: pd.DataFrame, configs: list[dict[str, Any]]) -> pd.DataFrame:

@@ -42,14 +42,15 @@ class BaselineRun(FederatedRun):
     def _checkpoint_state(self, arrays: ArrayRecord) -> OrderedDict[str, torch.Tensor]:
         return to_state_dict(arrays)
 
-    def _synthesize(self, arrays: ArrayRecord, grid: Any, state: RunState, log: RunLog) -> dict:
+    def _synthesize(self, arrays: ArrayRecord, grid: Any, state: RunState,
+                    run_log: RunLog) -> dict:
         """Each client's synthesis, in this process (as its own client would do it)."""
         reports = []
         for c in self.clients:
             made = client_synthesis(self.data, c, self.cfg, self.study.data, self.preprocess.device)
             metrics, samples = synthesis_report(made, self.data.classes)
             reports.append(({"partition-id": c, **metrics}, samples))
-        return self._log_synthesis(reports, log)
+        return self._log_synthesis(reports, run_log)
 
     def _train_on(self, clients: list[int], rng_client: int, server_round: int) -> dict:
         """train_local on the train splits of `clients` (with their generated images, under

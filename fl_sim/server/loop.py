@@ -187,8 +187,14 @@ def mean_row(rows: list[dict[str, Any]], keys: list[str] | None = None) -> dict[
 
 def results_config(resolved: dict) -> dict:
     """What a resumed run must share with its checkpoint: all but `resources`, which only
-    schedules clients (a run started with num_cpus 1 may resume under `auto`)."""
-    run_config = {k: v for k, v in resolved.get("run_config", {}).items() if k != "resources"}
+    schedules clients (a run started with num_cpus 1 may resume under `auto`). Both sides
+    pass through the current schema, so a checkpoint written before a key was added (or a
+    value spelt another way: `augment: true`) compares by what it means."""
+    try:
+        run_config = RunConfig.model_validate(resolved.get("run_config", {})).model_dump(
+            mode="json", exclude={"resources"})
+    except ValueError:  # not a run of this schema: compared as written, so never equal
+        run_config = resolved.get("run_config")
     return {**resolved, "run_config": run_config}
 
 
@@ -221,8 +227,8 @@ class FederatedRun:
         # Partial fine-tuning: messages carry the trainable part; the frozen rest is what
         # every process builds, which clients check against this digest.
         sent = travelling_state(self.model)
-        self.frozen = OrderedDict((k, v.detach().clone()) for k, v in self.model.state_dict().items()
-                                  if k not in sent)
+        self.frozen = OrderedDict((k, v.detach().cpu().clone())  # as checkpoints hold them
+                                  for k, v in self.model.state_dict().items() if k not in sent)
         if self.frozen:
             self.config["frozen-digest"] = frozen_digest(self.model)
         self.trained_part = {  # summary.json: what trains (and travels, in a federated run)
@@ -234,11 +240,14 @@ class FederatedRun:
                              "is for a SuperNode's own data): use holdout or isic2018.")
         self.min_clients = self.cfg.min_clients or self.data.num_clients
         self.client_of_node: dict[int, int] = {}
-        if self.cfg.strategy.name == "fedbn" and not batchnorm_keys(self.model):
+        if self.cfg.strategy.name == "fedbn" and not set(batchnorm_keys(self.model)) & set(sent):
+            why = (f"trains none (finetune.trainable {self.cfg.finetune.trainable})"
+                   if batchnorm_keys(self.model) else
+                   "has none (ConvNeXt, ViT and Swin use LayerNorm)")
             raise FlSimError(f"strategy fedbn keeps each client's BatchNorm layers, but "
-                             f"{self.cfg.model.name} has none (ConvNeXt, ViT and Swin use "
-                             "LayerNorm): it would be FedAvg. Use fedavg, or a model with "
-                             "BatchNorm (resnet, efficientnet, tf_efficientnet_lite0).")
+                             f"{self.cfg.model.name} {why}: it would be FedAvg. Use fedavg, or "
+                             "a model with BatchNorm (resnet, efficientnet, "
+                             "tf_efficientnet_lite0) that trains some.")
         if self.cfg.synthesis is not None:
             synthesis_classes(self.cfg.synthesis, self.data.classes)  # names known classes
         if self.min_clients > self.data.num_clients:
@@ -258,7 +267,7 @@ class FederatedRun:
         last = self.run_dir / "checkpoints" / "last.pt"
         if not last.exists():
             return None
-        ckpt = torch.load(last, weights_only=False)
+        ckpt = torch.load(last, weights_only=False, map_location="cpu")
         if results_config(ckpt.get("config") or {}) != results_config(self.resolved):
             raise FlSimError(
                 f"{self.run_dir} holds a run with another configuration; delete that folder "
@@ -385,20 +394,24 @@ class FederatedRun:
         state.bytes_received += sum(payload_bytes(m) for m in replies)
         return replies
 
-    def _synthesize(self, arrays: ArrayRecord, grid: Grid, state: RunState, log: RunLog) -> dict:
+    def _synthesize(self, arrays: ArrayRecord, grid: Grid, state: RunState,
+                    run_log: RunLog) -> dict:
         """Rare-class synthesis before round 1: every client trains its GAN on its own train
         split (or reads its cache). What comes back: per client the seconds it took, the
         images generated per class, and a sample grid for TensorBoard."""
         wait_for_clients(grid, self.min_clients, self.cfg.round_timeout_s, 0)
+        log.info("synthesis: each client trains its GAN on its own train split (minutes on a "
+                 "CPU; a later run or resume reads the client's cache)")
         content = RecordDict({"config": self.config})
         messages = [Message(content=content, message_type="query.synthesize", dst_node_id=node)
                     for node in grid.get_node_ids()]
         replies = self._exchange(messages, grid, "synthesize", 0, state)
         return self._log_synthesis(
             [(dict(r.content["metrics"]), to_state_dict(r.content["arrays"])["samples"].numpy()
-              if "arrays" in r.content else None) for r in replies], log)
+              if "arrays" in r.content else None) for r in replies], run_log)
 
-    def _log_synthesis(self, reports: list[tuple[dict, np.ndarray | None]], log: RunLog) -> dict:
+    def _log_synthesis(self, reports: list[tuple[dict, np.ndarray | None]],
+                       run_log: RunLog) -> dict:
         """summary.json's `synthesis` (client -> seconds, from_cache, generated per class)
         from the clients' reports (metrics, sample grid); the grids go to TensorBoard."""
         summary = {}
@@ -409,7 +422,12 @@ class FederatedRun:
                 "generated": {k.removeprefix("generated_"): int(v) for k, v in metrics.items()
                               if k.startswith("generated_")}}
             if samples is not None:
-                log.image(f"synthesis/client{client}", samples, 0)
+                run_log.image(f"synthesis/client{client}", samples, 0)
+            made = summary[str(client)]
+            log.info("synthesis: client %d %s %s in %.0f s", client,
+                     "read" if made["from_cache"] else "generated",
+                     ", ".join(f"{n} {c}" for c, n in made["generated"].items()) or "nothing",
+                     made["seconds"])
         return summary
 
     def _log_clients(self, server_round: int, evaluations: list[dict], log: RunLog) -> dict:
