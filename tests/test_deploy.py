@@ -36,14 +36,15 @@ def free_port() -> int:
 
 
 def write_study(path: Path, out: Path, rounds: int, min_clients: int | None = None,
-                round_timeout_s: float = 300) -> Path:
-    """Synthetic 32 px images, a tiny ConvNeXt, 3 clients: seconds of compute per message."""
+                round_timeout_s: float = 300, **defaults) -> Path:
+    """Synthetic 32 px images, a tiny ConvNeXt, 3 clients: seconds of compute per message.
+    `defaults`: more run settings."""
     path.write_text(yaml.safe_dump({
         "study": "deploy", "out": str(out),
         "data": {"dataset": "synthetic", "image_size": 32, "synthetic": {"num_images": 210},
                  "partition": {"num_clients": 3}},
         "defaults": {"rounds": rounds, "batch_size": 32, "model": {"name": "test_convnext"},
-                     "min_clients": min_clients, "round_timeout_s": round_timeout_s},
+                     "min_clients": min_clients, "round_timeout_s": round_timeout_s, **defaults},
     }))
     return path
 
@@ -262,12 +263,20 @@ def test_tls_with_node_authentication_refuses_an_unregistered_node(federation, t
     for i in range(3):  # node 2 as Flower runs it: a flwr-clientapp process per message
         assert fed.supernode(i, "--ca", ca, "--key", keys[i][0],
                              *(["--no-worker"] if i == 2 else [])) == 0
-    study = write_study(tmp_path / "s.yaml", tmp_path / "out", rounds=2)
+    # Partial fine-tuning and rare-class synthesis over the SuperLink: the synthesis query
+    # before round 1, then messages that carry the head only.
+    study = write_study(tmp_path / "s.yaml", tmp_path / "out", rounds=2,
+                        finetune={"trainable": "head"},
+                        synthesis={"classes": ["df", "vasc"], "per_class": 8, "steps": 5})
     run_id, _ = cli.submit_run(study)
     assert cli.wait_finished(run_id, timeout=600)[0] == "finished:completed"
 
     [run_dir] = (tmp_path / "out" / "deploy").iterdir()
     assert client_rows(run_dir) == {(r, c, s) for r in (1, 2) for c in range(3) for s in SPLITS}
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["complete"] and summary["finetune"]["trained_tensors"] == 2
+    assert {c: s["generated"] for c, s in summary["synthesis"].items()} == {
+        str(c): {"df": 8, "vasc": 8} for c in range(3)}
     fed.assert_nodes_used_the_grpc_fleet_api()
     assert "insecure" not in fed.log("supernode-0") + fed.log("superlink")
     assert "Start `flwr-clientapp` process" in fed.log("supernode-2")
