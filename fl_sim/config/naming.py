@@ -19,10 +19,15 @@ def proximal_mu(strategy: StrategyConfig) -> float:
 
 
 def strategy_label(strategy: StrategyConfig) -> str:
-    """e.g. `fedavg`, `fedprox-mu0.01`, `fedavg-uniform`, `pooled`."""
+    """e.g. `fedavg`, `fedprox-mu0.01`, `fedavg-uniform`, `fedavg-frac0.1` (a sample of the
+    clients trains each round), `pooled`."""
     label = strategy.name
     if strategy.name == "fedprox":
         label += f"-mu{proximal_mu(strategy):g}"
+    if strategy.fraction_train < 1:
+        label += f"-frac{strategy.fraction_train:g}"
+    if strategy.fraction_evaluate < 1:
+        label += f"-evalfrac{strategy.fraction_evaluate:g}"
     if strategy.weighting == "uniform" and strategy.name not in BASELINES:  # no averaging
         label += "-uniform"
     return label

@@ -167,6 +167,12 @@ class StrategyConfig(Strict):
         "examples", description="examples: weight by num-examples; uniform: the paper's eq. (3)"
     )
     proximal_mu: float | None = Field(None, ge=0, description="fedprox (default 0.01)")
+    fraction_train: float = Field(
+        1.0, gt=0, le=1, description="clients sampled to train each round (seeded by seed "
+                                     "and round; at least one)")
+    fraction_evaluate: float = Field(
+        1.0, gt=0, le=1, description="clients sampled to evaluate in rounds between the "
+                                     "`eval_every` rounds, which evaluate every client")
     params: dict[str, float | int] = Field(
         {}, description="other constructor arguments of the Flower strategy (eta, beta_1, ...)"
     )
@@ -177,6 +183,9 @@ class StrategyConfig(Strict):
             raise ValueError(f"proximal_mu is a fedprox parameter, not one of {self.name!r}")
         if self.params and self.name in BASELINES:
             raise ValueError(f"params are Flower strategy arguments; {self.name!r} takes none")
+        if (self.fraction_train, self.fraction_evaluate) != (1, 1) and self.name in BASELINES:
+            raise ValueError(f"fraction_train and fraction_evaluate sample clients of a "
+                             f"federated round; {self.name!r} trains every client's data")
         return self
 
 
@@ -329,12 +338,16 @@ class RunConfig(Strict):
     sampler: Literal["shuffle", "balanced"] = Field(
         "shuffle", description="balanced: draw each epoch's images with probability 1/class count")
     lr_schedule: LRScheduleConfig = LRScheduleConfig()
+    eval_every: int = Field(
+        1, ge=1, description="every k rounds (and the last) all clients evaluate the global "
+                             "model; only those rounds can be the best round")
     selection_metric: Literal["acc", "bacc", "precision", "recall", "f1", "avg", "loss"] = Field(
         "avg", description="validation metric that picks the best round (never test)"
     )
     resources: ResourcesConfig = ResourcesConfig()
     min_clients: int | None = Field(
-        None, ge=1, description="clients that must reply each round (default: all of them)"
+        None, ge=1, description="clients that must connect, and reply each round (default: "
+                                "all of them; of a sample, at most its size)"
     )
     round_timeout_s: float = Field(
         3600, gt=0, description="longest wait for replies, or for enough clients to connect"

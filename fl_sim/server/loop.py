@@ -42,6 +42,7 @@ from fl_sim.server.failures import (
 from fl_sim.server.run_log import RunLog, json_line, read_metrics, write_json_atomic
 from fl_sim.server.schedule import LRSchedule
 from fl_sim.strategies import build_strategy
+from fl_sim.strategies.registry import sample_size
 from fl_sim.task import build_model, load_data
 
 SPLITS = ("val", "test")
@@ -128,6 +129,30 @@ def send_and_check(grid: Grid, messages: list[Message], kind: str, server_round:
         log.warning("round %d (%s): continuing without a client. %s", server_round, kind, reason)
     # A fixed order makes aggregation's floating-point sums independent of arrival order.
     return sorted(ok, key=lambda m: m.content["metrics"]["partition-id"])
+
+
+class SampledGrid:
+    """The grid as a strategy sees it in a sampled round: only the sampled nodes connected.
+    fl-sim samples, seeded by (seed, round), rather than Flower (unseeded `random.sample`)."""
+
+    def __init__(self, grid: Grid, node_ids: list[int]) -> None:
+        self._grid, self._node_ids = grid, node_ids
+
+    def get_node_ids(self) -> list[int]:
+        return list(self._node_ids)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+
+def sample_nodes(grid: Grid, fraction: float, rng: np.random.Generator) -> Grid:
+    """`grid`, or a SampledGrid of round(fraction x connected) of its nodes (at least one)."""
+    node_ids = sorted(grid.get_node_ids())
+    k = sample_size(len(node_ids), fraction)
+    if k == len(node_ids):
+        return grid
+    # By position: node ids are unsigned 64-bit, which numpy would turn into floats.
+    return SampledGrid(grid, [node_ids[i] for i in sorted(rng.choice(len(node_ids), k, replace=False))])
 
 
 class PhaseTimer:
@@ -387,8 +412,9 @@ class FederatedRun:
     def _exchange(self, messages: list[Message], grid: Grid, kind: str,
                   server_round: int, state: RunState) -> list[Message]:
         state.bytes_sent += sum(payload_bytes(m) for m in messages)
+        # Of a sample (fraction_train / fraction_evaluate), at most all must reply.
         replies = send_and_check(grid, messages, kind, server_round, self.cfg.round_timeout_s,
-                                 self.min_clients, self.client_of_node)
+                                 min(self.min_clients, len(messages)), self.client_of_node)
         self.client_of_node.update({m.metadata.src_node_id: int(m.content["metrics"]["partition-id"])
                                     for m in replies})
         state.bytes_received += sum(payload_bytes(m) for m in replies)
@@ -452,7 +478,9 @@ class FederatedRun:
         """One round of training: the new weights and a train row per client (key None: a
         row of all clients' data together, as the pooled baseline trains)."""
         wait_for_clients(grid, self.min_clients, self.cfg.round_timeout_s, server_round)
-        messages = list(strategy.configure_train(server_round, arrays, self.config, grid))
+        sample = sample_nodes(grid, self.cfg.strategy.fraction_train,
+                              np.random.default_rng([self.cfg.seed, server_round, 0]))
+        messages = list(strategy.configure_train(server_round, arrays, self.config, sample))
         replies = self._exchange(messages, grid, "train", server_round, state)
         phase("train")
         rows = {int(m["partition-id"]): train_row(m, int(m["num-examples"]))
@@ -465,11 +493,20 @@ class FederatedRun:
 
     def _evaluate_clients(self, server_round: int, arrays: ArrayRecord, strategy: Any,
                           grid: Grid, state: RunState) -> list[dict]:
-        """Every client's `val_*` / `test_*` metrics of the round's model(s)."""
+        """The `val_*` / `test_*` metrics of the round's model(s) of every client, or of a
+        `fraction_evaluate` sample between the `eval_every` rounds."""
         wait_for_clients(grid, self.min_clients, self.cfg.round_timeout_s, server_round)
-        messages = list(strategy.configure_evaluate(server_round, arrays, self.config, grid))
+        fraction = 1.0 if self._evaluates_all(server_round) else self.cfg.strategy.fraction_evaluate
+        sample = sample_nodes(grid, fraction, np.random.default_rng([self.cfg.seed, server_round, 1]))
+        messages = list(strategy.configure_evaluate(server_round, arrays, self.config, sample))
         replies = self._exchange(messages, grid, "evaluate", server_round, state)
         return [dict(reply.content["metrics"]) for reply in replies]
+
+    def _evaluates_all(self, server_round: int) -> bool:
+        """Whether every client evaluates this round's model: only such a round's federated
+        validation compares with another's, so only such a round can be the best."""
+        return (self.cfg.strategy.fraction_evaluate == 1 or server_round == self.cfg.rounds
+                or server_round % self.cfg.eval_every == 0)
 
     def _round(self, server_round: int, arrays: ArrayRecord, strategy: Any, grid: Grid,
                log: RunLog, state: RunState, lr: float) -> tuple[ArrayRecord, dict, dict, dict]:
@@ -569,7 +606,7 @@ class FederatedRun:
             record = {"round": server_round, "federated_val": federated_val,
                       "global_test": global_test}
             state.round, state.final = server_round, record
-            is_best = score > state.best_score  # never a NaN score
+            is_best = self._evaluates_all(server_round) and score > state.best_score  # not NaN
             if is_best:
                 state.best_round, state.best_score, state.best = server_round, score, record
             state.round_seconds.append(time.perf_counter() - t0)

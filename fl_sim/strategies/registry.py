@@ -48,10 +48,16 @@ def strategy_params(name: str) -> set[str]:
     return set(inspect.signature(STRATEGIES[name]).parameters) - _MANAGED
 
 
+def sample_size(num_clients: int, fraction: float) -> int:
+    """Clients in a round's sample: round(fraction x clients), at least one."""
+    return min(num_clients, max(1, round(num_clients * fraction)))
+
+
 def build_strategy(cfg: StrategyConfig, num_clients: int, min_clients: int | None = None,
                    trainable: Iterable[str] | None = None,
                    client_lr: float | None = None) -> fl.FedAvg:
-    """A strategy that samples every client each round and waits for `min_clients` of them;
+    """A strategy that messages every client it is shown (fl-sim shows it a sample under
+    `fraction_train` / `fraction_evaluate`) and waits for `min_clients` of them;
     the FedAvg family averages with fl-sim's `weighted_mean`. `trainable`: the model's
     parameter names, the only arrays a server optimizer (FedAdam, ...) steps; `client_lr`:
     the clients' learning rate (QFedAvg's `client_learning_rate` unless params set it)."""
@@ -69,7 +75,11 @@ def build_strategy(cfg: StrategyConfig, num_clients: int, min_clients: int | Non
             raise FlSimError("qfedavg needs the clients' learning rate: set "
                              "strategy.params.client_learning_rate.")
         kwargs["client_learning_rate"] = client_lr
-    needed = num_clients if min_clients is None else min_clients
+    # fl-sim samples the clients itself (fl_sim.server.loop.sample_nodes) and shows the
+    # strategy only those: its minimums must fit the smallest sample, or Flower waits forever.
+    needed = min(num_clients if min_clients is None else min_clients,
+                 sample_size(num_clients, cfg.fraction_train),
+                 sample_size(num_clients, cfg.fraction_evaluate))
     strategy = STRATEGIES[cfg.name](
         fraction_train=1.0,
         fraction_evaluate=1.0,
