@@ -66,8 +66,8 @@ def test_the_server_step_leaves_batchnorm_statistics_at_the_clients_mean(name, m
 
 
 def run_study(tmp_path, model: str, strategies: list[dict], images: int = 300,
-              grid: dict | None = None) -> dict:
-    """`fl-sim run` of a 2-round synthetic study, one run per strategy (times the `grid`'s
+              grid: dict | None = None, rounds: int = 2) -> dict:
+    """`fl-sim run` of a synthetic study, one run per strategy (times the `grid`'s
     other alternatives): their run folders by strategy name."""
     from fl_sim.cli import main
 
@@ -76,7 +76,7 @@ def run_study(tmp_path, model: str, strategies: list[dict], images: int = 300,
         "study": "s", "out": str(tmp_path / "out"),
         "data": {"dataset": "synthetic", "image_size": 32, "synthetic": {"num_images": images},
                  "cache_dir": str(tmp_path / "cache"), "partition": {"num_clients": 3}},
-        "defaults": {"rounds": 2, "batch_size": 32, "model": {"name": model},
+        "defaults": {"rounds": rounds, "batch_size": 32, "model": {"name": model},
                      "optimizer": {"name": "adamw"}},
         "grid": {"strategy": strategies, **(grid or {})},
     }))

@@ -153,6 +153,23 @@ def evaluate_global(msg: Message, context: Context) -> Message:
 
 
 
+@app.query("personalize")
+@_named
+def personalize(msg: Message, context: Context) -> Message:
+    """The message's global model fine-tuned on this client's own train split for
+    `personalize.fine_tune_epochs` epochs, at the last round's rate; its `val_*` / `test_*`
+    metrics. The personalized weights stay here."""
+    config, run_cfg, data_cfg, data, model, preprocess, partition, pid = _setup(msg, context)
+    images, labels, indices = train_split(data, [partition], run_cfg, data_cfg, preprocess.device)
+    epochs = run_cfg.personalize.fine_tune_epochs
+    train_local(model, images, labels, indices, preprocess,
+                run_cfg.model_copy(update={"local_epochs": epochs}),
+                rng=client_rng(run_cfg.seed, pid, int(config["server-round"]), stream=2),
+                lr=float(config["lr"]) if "lr" in config else None)
+    metrics = evaluate_splits(model, data, partition, preprocess, run_cfg.eval_batch_size)
+    return _reply(msg, pid, int(metrics["val_n"]), metrics)
+
+
 @app.query("synthesize")
 @_named
 def synthesize(msg: Message, context: Context) -> Message:

@@ -251,6 +251,14 @@ class SynthesisConfig(Strict):
     batch_size: int = Field(32, ge=2, le=4096, description="GAN training batch")
 
 
+class PersonalizeConfig(Strict):
+    """After the last round each client fine-tunes the final and the best global model on
+    its own train split and reports the personalized model's val/test metrics (the model
+    itself stays at the client)."""
+
+    fine_tune_epochs: int = Field(1, ge=1, le=1000)
+
+
 class ResourcesConfig(Strict):
     """Per simulated client, handed to Flower's Ray backend (scheduling hints, not limits)."""
 
@@ -333,6 +341,8 @@ class RunConfig(Strict):
     augment: AugmentConfig = Field(
         AugmentConfig(), description="true: flips and 90-degree turns; false: none; or options")
     loss: LossConfig = LossConfig()
+    personalize: PersonalizeConfig | None = Field(
+        None, description="local fine-tuning of the final and best models (null: none)")
     synthesis: SynthesisConfig | None = Field(
         None, description="rare-class synthesis at each client (null: none)")
     sampler: Literal["shuffle", "balanced"] = Field(
@@ -353,6 +363,13 @@ class RunConfig(Strict):
         3600, gt=0, description="longest wait for replies, or for enough clients to connect"
     )
     seed: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _personalize_is_federated(self) -> RunConfig:
+        if self.personalize is not None and self.strategy.name in BASELINES:
+            raise ValueError(f"personalize fine-tunes a federated model at each client; "
+                             f"{self.strategy.name!r} has no global model to personalize")
+        return self
 
     @model_validator(mode="after")
     def _loss_is_supervised(self) -> RunConfig:

@@ -133,9 +133,9 @@ def contenders(study: Study, table: pd.DataFrame) -> pd.DataFrame:
 
 
 def render(study: Study, table: pd.DataFrame, versus: pd.DataFrame,
-           figures: dict[str, list[Path]], probes: Sequence[str] = ()) -> str:
-    """report.md; `probes`: the feature-probe section (report.probes), placed after the
-    baselines."""
+           figures: dict[str, list[Path]], extra: Sequence[str] = ()) -> str:
+    """report.md; `extra`: sections placed after the baselines (personalization, feature
+    probes)."""
     runs = study.runs.sort_values("run")
     selection = ", ".join(sorted(runs["selection_metric"].unique()))
     is_global = table["test_set"] == "global"
@@ -158,7 +158,7 @@ def render(study: Study, table: pd.DataFrame, versus: pd.DataFrame,
         "## Client test sets",
         metrics_table(table[~is_global], with_test_set=True),
         *baselines_section(study, versus),
-        *probes,
+        *extra,
         "## Runs",
         markdown_table(
             ["run", *LABELS, "seed", "best round", "rounds", "wall time (s)", "MB sent"],

@@ -152,7 +152,8 @@ def sample_nodes(grid: Grid, fraction: float, rng: np.random.Generator) -> Grid:
     if k == len(node_ids):
         return grid
     # By position: node ids are unsigned 64-bit, which numpy would turn into floats.
-    return SampledGrid(grid, [node_ids[i] for i in sorted(rng.choice(len(node_ids), k, replace=False))])
+    chosen = sorted(rng.choice(len(node_ids), k, replace=False))
+    return SampledGrid(grid, [node_ids[i] for i in chosen])
 
 
 class PhaseTimer:
@@ -194,6 +195,7 @@ class RunState:
     schedule: dict[str, Any] = field(default_factory=dict)  # LRSchedule.state()
     stopped: dict[str, Any] | None = None  # {"round", "reason"} of an early stop
     synthesis: dict[str, Any] = field(default_factory=dict)  # client -> cost and counts
+    personalized: dict[str, Any] = field(default_factory=dict)  # final/best -> client metrics
 
 
 def train_row(metrics: Any, n: int) -> dict[str, Any]:
@@ -336,7 +338,8 @@ class FederatedRun:
 
     def _arrays_of(self, state_dict: dict[str, torch.Tensor]) -> ArrayRecord:
         """The round's arrays from a checkpoint's whole model: its travelling tensors."""
-        return ArrayRecord(OrderedDict((k, v) for k, v in state_dict.items() if k not in self.frozen))
+        return ArrayRecord(OrderedDict((k, v) for k, v in state_dict.items()
+                                       if k not in self.frozen))
 
     def _checkpoint_state(self, arrays: ArrayRecord) -> OrderedDict[str, torch.Tensor]:
         """The whole model for a checkpoint: the round's arrays beside the frozen part, so
@@ -456,6 +459,43 @@ class FederatedRun:
                      made["seconds"])
         return summary
 
+    def _personalize(self, final: ArrayRecord, grid: Grid, state: RunState,
+                     run_log: RunLog) -> dict:
+        """Every client fine-tunes the final and the best global model on its own train
+        split and reports the personalized model's val/test metrics: rows of scope
+        `personalized` at the model's round, and summary.json's `personalized`."""
+        epochs = self.cfg.personalize.fine_tune_epochs
+        log.info("personalize: every client fine-tunes the final and the best model for %d "
+                 "epoch(s) on its own train split", epochs)
+        models = {"final": (state.round, final)}
+        if state.best_round != state.round:
+            best = torch.load(self.run_dir / "checkpoints" / "best.pt", weights_only=False,
+                              map_location="cpu")
+            models["best"] = (state.best_round, self._arrays_of(best["state_dict"]))
+        report: dict[str, Any] = {"fine_tune_epochs": epochs}
+        for which, (server_round, arrays) in models.items():
+            wait_for_clients(grid, self.min_clients, self.cfg.round_timeout_s, server_round)
+            content = RecordDict({"arrays": arrays, "config": ConfigRecord(
+                {**self.config, "server-round": server_round})})
+            messages = [Message(content=content, message_type="query.personalize",
+                                dst_node_id=node) for node in grid.get_node_ids()]
+            replies = self._exchange(messages, grid, "personalize", server_round, state)
+            clients = {}
+            for metrics in (dict(reply.content["metrics"]) for reply in replies):
+                clients[str(int(metrics["partition-id"]))] = {
+                    split: {k[len(split) + 1:]: v for k, v in metrics.items()
+                            if k.startswith(f"{split}_")} for split in SPLITS}
+            report[which] = {"round": server_round, "clients": clients,
+                             "mean_test": mean_row([c["test"] for c in clients.values()])}
+        # Rows only once every reply is in: a run cut here personalizes again, whole.
+        for which in models:
+            for client, splits in report[which]["clients"].items():
+                for split, row in splits.items():
+                    row["n"] = int(row["n"])
+                    run_log.row(report[which]["round"], "personalized", int(client), split, row)
+        report.setdefault("best", report["final"])  # the best round was the last
+        return report
+
     def _log_clients(self, server_round: int, evaluations: list[dict], log: RunLog) -> dict:
         """Per-client val/test rows from each client's `partition-id`, `val_*` and `test_*`
         metrics; returns (and logs) the example-weighted mean of the clients' val metrics."""
@@ -497,7 +537,8 @@ class FederatedRun:
         `fraction_evaluate` sample between the `eval_every` rounds."""
         wait_for_clients(grid, self.min_clients, self.cfg.round_timeout_s, server_round)
         fraction = 1.0 if self._evaluates_all(server_round) else self.cfg.strategy.fraction_evaluate
-        sample = sample_nodes(grid, fraction, np.random.default_rng([self.cfg.seed, server_round, 1]))
+        sample = sample_nodes(grid, fraction,
+                              np.random.default_rng([self.cfg.seed, server_round, 1]))
         messages = list(strategy.configure_evaluate(server_round, arrays, self.config, sample))
         replies = self._exchange(messages, grid, "evaluate", server_round, state)
         return [dict(reply.content["metrics"]) for reply in replies]
@@ -623,6 +664,9 @@ class FederatedRun:
                 self.on_round(RoundReport(server_round, self.cfg.rounds, seconds, global_test,
                                           federated_val, state.best_round))
         self._pending_round = None  # an early stop's next round never starts
+        if self.cfg.personalize is not None and not state.personalized and state.round:
+            state.personalized = self._personalize(arrays, grid, state, log)
+            log.commit()
         summary = self._write_summary(state, done=True)
         log.hparams(hparams_of(self.cfg), {
             f"hparams/{when}_{scope}_{k}": value
@@ -650,6 +694,7 @@ class FederatedRun:
             "bytes_sent": state.bytes_sent,
             "bytes_received": state.bytes_received,
             **({"synthesis": state.synthesis} if state.synthesis else {}),
+            **({"personalized": state.personalized} if state.personalized else {}),
             **({"finetune": {"trainable": self.cfg.finetune.trainable, **self.trained_part}}
                if self.frozen else {}),
             # What the global evaluation's model holds where clients keep their own layers.

@@ -93,7 +93,8 @@ class RunLog:
         # Strict JSON: a non-finite metric is null in the file (TensorBoard keeps the NaN).
         self._append(json_line({k: None if isinstance(v, float) and not math.isfinite(v) else v
                                 for k, v in row.items()}))
-        prefix = f"client_{client}" if scope == "client" else scope
+        prefix = (f"client_{client}" if scope == "client" else scope if client is None
+                  else f"{scope}/client_{client}")  # e.g. personalized/client_0/test/bacc
         with self.writing(self.events):
             for key, value in metrics.items():
                 if key != "n":
