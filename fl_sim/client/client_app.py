@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import functools
 import time
+from collections import OrderedDict
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fl_sim.arrays import is_packed, pack, to_state_dict
-from fl_sim.client import fedbn
-from fl_sim.client.train import train_local
+from fl_sim.client import fedbn, scaffold
+from fl_sim.client.train import optimizer_kwargs, train_local
 from fl_sim.client.train_split import client_synthesis, synthesis_report, train_split
 from fl_sim.config import DataConfig, GlobalTestConfig, PartitionConfig, RunConfig
 from fl_sim.data_partition import FederatedData
@@ -104,7 +105,7 @@ def _setup(msg: Message, context: Context):
     model, preprocess = load_model(run_json, tuple(data.class_names), data.images.shape[1])
     check_frozen(str(config.get("frozen-digest", "")),
                  model_frozen_digest(run_json, tuple(data.class_names), data.images.shape[1]))
-    load_weights(model, to_state_dict(msg.content["arrays"]))
+    load_weights(model, scaffold.split(to_state_dict(msg.content["arrays"]))[0])
     if run_cfg.strategy.name == "fedbn":
         fedbn.load_own(model, context.state, run_json)
     return config, run_cfg, data_cfg, data, model, preprocess, partition, pid
@@ -126,17 +127,25 @@ def train(msg: Message, context: Context) -> Message:
     config, run_cfg, data_cfg, data, model, preprocess, partition, pid = _setup(msg, context)
     server_round = int(config["server-round"])
     images, labels, indices = train_split(data, [partition], run_cfg, data_cfg, preprocess.device)
+    lr = float(config["lr"]) if "lr" in config else optimizer_kwargs(run_cfg.optimizer)["lr"]
+    control = None
+    if run_cfg.strategy.name == "scaffold":
+        server_control = scaffold.split(to_state_dict(msg.content["arrays"]))[1]
+        control = scaffold.ClientControl(model, server_control, context.state,
+                                         str(config["run-config"]))
     start = time.perf_counter()
     result = train_local(
         model, images, labels, indices, preprocess, run_cfg,
         rng=client_rng(run_cfg.seed, pid, server_round, stream=0),
-        proximal_mu=float(config.get("proximal-mu", 0.0)),
-        lr=float(config["lr"]) if "lr" in config else None,
+        proximal_mu=float(config.get("proximal-mu", 0.0)), lr=lr,
+        gradient_correction=control.correction() if control else None,
     )
     result["train_time_s"] = time.perf_counter() - start
     if run_cfg.strategy.name == "fedbn":
         fedbn.keep_own(model, context.state, str(config["run-config"]))
-    arrays = ArrayRecord(travelling_state(model))  # the trainable part only, under finetune
+    # The trainable part only, under finetune; SCAFFOLD's Δc_i beside it.
+    arrays = ArrayRecord(OrderedDict([*travelling_state(model).items(), *(
+        control.finish(model, result["steps"], lr).items() if control else ())]))
     if is_packed(msg.content["arrays"]):  # a deployed server's wire format: reply in kind
         arrays = pack(arrays)
     # Weighted by its own images: generated ones (synthesis) add no weight in aggregation.

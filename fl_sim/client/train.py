@@ -66,9 +66,11 @@ def train_local(
     rng: np.random.Generator,
     proximal_mu: float = 0.0,
     lr: float | None = None,
+    gradient_correction: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """`cfg.local_epochs` epochs of the run's loss (+ FedProx term) from the current weights,
     at learning rate `lr` (the schedule's for this round; None: the optimizer's).
+    `gradient_correction` (SCAFFOLD's c - c_i, by parameter name) is added to each gradient.
 
     A fresh optimizer each round, as in FedAvg: optimizer state is local and not federated.
     Returns the mean training loss (without the proximal term), the training accuracy of
@@ -82,6 +84,8 @@ def train_local(
         [p.detach().clone() for p in model.parameters() if p.requires_grad]
         if proximal_mu > 0 else None
     )
+    corrected = [(n, p) for n, p in model.named_parameters()
+                 if gradient_correction and n in gradient_correction]
     generator = torch.Generator().manual_seed(int(rng.integers(2**31)))
     # The loss is summed on the device: no per-step sync, so the host prepares the next batch
     # while the GPU computes.
@@ -107,6 +111,8 @@ def train_local(
                 objective = loss + proximal_term(model, global_params, proximal_mu)
             optimizer.zero_grad(set_to_none=True)
             objective.backward()
+            for name, param in corrected:  # SCAFFOLD: g + c - c_i
+                param.grad.add_(gradient_correction[name])
             optimizer.step()
             if cfg.training == "clip":
                 model.clamp_temperature()

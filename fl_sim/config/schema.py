@@ -161,7 +161,8 @@ class OptimizerConfig(Strict):
 class StrategyConfig(Strict):
     name: Literal[
         "fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedavgm",
-        "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan", "qfedavg", "fedbn", "pooled", "local",
+        "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan", "qfedavg", "fedbn",
+        "scaffold", "pooled", "local",
     ] = Field("fedavg", description="pooled / local: the baselines, trained without Flower")
     weighting: Literal["examples", "uniform"] = Field(
         "examples", description="examples: weight by num-examples; uniform: the paper's eq. (3)"

@@ -12,6 +12,7 @@ from fl_sim.config import StrategyConfig, proximal_mu
 from fl_sim.errors import FlSimError
 from fl_sim.strategies import fedopt
 from fl_sim.strategies.qfedavg import QFedAvg
+from fl_sim.strategies.scaffold import Scaffold
 
 STRATEGIES: dict[str, type[fl.FedAvg]] = {
     "fedavg": fl.FedAvg,
@@ -28,6 +29,7 @@ STRATEGIES: dict[str, type[fl.FedAvg]] = {
     "qfedavg": QFedAvg,  # its client_learning_rate: the run's optimizer lr unless given
     # FedAvg on the server; each client keeps its own BatchNorm layers (fl_sim.client.fedbn)
     "fedbn": fl.FedAvg,
+    "scaffold": Scaffold,  # control variates beside the weights (fl_sim.client.scaffold)
 }
 
 # At import, not when a strategy is built: a resumed run unpickles its strategy and must
@@ -89,6 +91,8 @@ def build_strategy(cfg: StrategyConfig, num_clients: int, min_clients: int | Non
         weighted_by_key="unit-weight" if cfg.weighting == "uniform" else "num-examples",
         **kwargs,
     )
-    if isinstance(strategy, fedopt.ParametersOnly) and trainable is not None:
+    if isinstance(strategy, (fedopt.ParametersOnly, Scaffold)) and trainable is not None:
         strategy.trainable = frozenset(trainable)
+    if isinstance(strategy, Scaffold):
+        strategy.num_clients = num_clients
     return strategy
