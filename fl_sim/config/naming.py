@@ -11,7 +11,7 @@ from fl_sim.config.schema import BASELINES, RunConfig, StrategyConfig
 
 # Grid keys that run_name spells out; other varying scalars are appended as `<key><value>`.
 NAMED_KEYS = {"strategy", "model", "finetune", "optimizer", "training", "clip", "seed", "loss",
-              "synthesis", "sampler", "lr_schedule"}
+              "synthesis", "personalize", "sampler", "lr_schedule"}
 
 
 def proximal_mu(strategy: StrategyConfig) -> float:
@@ -69,6 +69,8 @@ def recipe_parts(cfg: RunConfig) -> list[str]:
         classes = cfg.synthesis.classes
         parts.append("-".join([f"{cfg.synthesis.method}{cfg.synthesis.per_class}",
                                *([] if classes == "minority" else classes)]))
+    if cfg.personalize is not None:  # e.g. pers1: fine-tuned 1 epoch at each client
+        parts.append(f"pers{cfg.personalize.fine_tune_epochs}")
     if cfg.sampler != "shuffle":
         parts.append(cfg.sampler)
     if cfg.lr_schedule.name != "constant":
