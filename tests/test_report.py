@@ -343,3 +343,17 @@ def test_probe_section_only_where_a_run_has_a_probe(report: Path, tmp_path: Path
     assert ("| pooled | svm | global test | 0.600 | 0.610 | 0.620 | 0.630 | 0.640 | 0.650 "
             "| +0.100 | +0.100 |") in section
     assert "| head | head | global test | 0.500 |" in section and "| — | — |" in section
+
+
+def test_recipe_tags_read_a_sub_config_that_is_null_in_some_runs():
+    """synthesis: null beside synthesis: {...} flattens to NaN cells (a real study's report
+    failed on them)."""
+    import numpy as np
+    import pandas as pd
+
+    from fl_sim.report.collect import _recipe_tags
+
+    configs = [{"run_config": {}}, {"run_config": {"synthesis": {"per_class": 300}}}]
+    settings = pd.DataFrame({"run_config.synthesis": [None, np.nan],
+                             "run_config.synthesis.per_class": [np.nan, 300.0]})
+    assert list(_recipe_tags(settings, configs)["recipe"]) == ["ce", "dcgan300"]

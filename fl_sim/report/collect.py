@@ -210,7 +210,8 @@ def _recipe_tags(settings: pd.DataFrame, configs: list[dict[str, Any]]) -> pd.Da
         return settings
     tags = pd.Series([recipe_label(RunConfig.model_validate(c["run_config"])) for c in configs],
                      index=settings.index)
-    combinations = settings[keys].astype(str).agg("|".join, axis=1)
+    # Element-wise str: astype(str) keeps a missing value (a null sub-config) as NaN.
+    combinations = settings[keys].map(str).agg("|".join, axis=1)
     if combinations.groupby(tags).nunique().max() > 1:
         return settings
     return settings.drop(columns=keys).assign(recipe=tags)
