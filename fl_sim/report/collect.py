@@ -218,18 +218,21 @@ def _recipe_tags(settings: pd.DataFrame, configs: list[dict[str, Any]]) -> pd.Da
 
 
 def _suffixes(settings: pd.DataFrame) -> list[str]:
-    """' [key=value, ...]' per run (the recipe tag alone); '' where no key varies."""
+    """' [key=value, ...]' per run (the recipe tag alone); '' where no key varies. A key the
+    run lacks (e.g. FedAdam's `strategy.params.eta` in a FedAvg run) is left out of its
+    label."""
     keys = list(settings.columns)
     return ["" if not keys else " [" + ", ".join(
         str(row[k]) if k == "recipe" else f"{k.removeprefix('run_config.')}={row[k]}"
-        for k in keys) + "]" for _, row in settings.iterrows()]
+        for k in keys if not pd.isna(row[k])) + "]" for _, row in settings.iterrows()]
 
 
 def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
-    """Dotted keys -> JSON text of the values, so that lists and nulls compare as values."""
+    """Dotted keys -> JSON text of the values, so that lists and nulls compare as values. An
+    empty mapping (`params: {}`) gives no key: it sets nothing."""
     out = {}
     for key, value in config.items():
-        if isinstance(value, dict) and value:
+        if isinstance(value, dict):
             out.update(_flatten(value, f"{prefix}{key}."))
         else:
             out[f"{prefix}{key}"] = json.dumps(value)
