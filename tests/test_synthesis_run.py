@@ -9,7 +9,7 @@ import pytest
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from fl_sim.client.train_split import Rows, train_split
+from fl_sim.client.train_split import Rows, client_synthesis, train_split
 from fl_sim.config import DataConfig, RunConfig
 from fl_sim.data_partition import prepare_data
 from fl_sim.errors import FlSimError
@@ -45,6 +45,9 @@ def test_generated_images_join_the_train_split_of_their_own_client_only(tmp_path
     _, pooled_labels, pooled = train_split(data, [0, 1], run, data_cfg, device="cpu")
     assert (pooled >= n).sum() == 48
     assert set(pooled[pooled < n]) == set(own) | set(data.indices(1, "train"))
+    # A second use in this process is no new synthesis, and says so.
+    again = client_synthesis(data, 0, run, data_cfg, device="cpu")
+    assert again.from_cache and again.seconds == 0 and len(again.labels) == 24
     # No synthesis: the dataset as it is.
     plain = train_split(data, [0], RunConfig(), data_cfg, device="cpu")
     assert plain[0] is data.images and len(plain[2]) == len(own)

@@ -8,6 +8,7 @@ decoded-image cache), so every round, process and resumed run reuses one GAN's o
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 from pathlib import Path
@@ -58,8 +59,12 @@ def synthesis_classes(cfg: SynthesisConfig, codes: list[str]) -> str | list[int]
 def client_synthesis(data: FederatedData, partition: int, run_cfg: RunConfig,
                      data_cfg: DataConfig, device: torch.device) -> Synthesized:
     """This client's generated train images (trained now, or read from its cache)."""
-    return _synthesis(data, partition, run_cfg.model_dump_json(include={"synthesis", "seed"}),
+    hits = _synthesis.cache_info().hits
+    made = _synthesis(data, partition, run_cfg.model_dump_json(include={"synthesis", "seed"}),
                       str(data_cfg.cache_dir or default_cache_dir()), str(device))
+    if _synthesis.cache_info().hits > hits:  # made or read before by this process
+        made = dataclasses.replace(made, from_cache=True, seconds=0.0)
+    return made
 
 
 @functools.lru_cache(maxsize=64)  # every client of a pooled or local baseline
