@@ -212,6 +212,16 @@ def mean_row(rows: list[dict[str, Any]], keys: list[str] | None = None) -> dict[
     return {**mean, "n": int(weights.sum())}
 
 
+def split_rows(metrics: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """A client's `val_*` / `test_*` metrics as a row per split (`n` an integer)."""
+    rows = {}
+    for split in SPLITS:
+        prefix = f"{split}_"
+        rows[split] = {k[len(prefix):]: v for k, v in metrics.items() if k.startswith(prefix)}
+        rows[split]["n"] = int(rows[split]["n"])
+    return rows
+
+
 def results_config(resolved: dict) -> dict:
     """What a resumed run must share with its checkpoint: all but `resources`, which only
     schedules clients (a run started with num_cpus 1 may resume under `auto`). Both sides
@@ -380,7 +390,8 @@ class FederatedRun:
             with open(tmp, "wb") as f:
                 torch.save({"round": state.round, "run": self.run.name,
                             "classes": self.data.classes, "config": self.resolved,
-                            "state_dict": self._checkpoint_state(arrays), "strategy": pickle.dumps(strategy),
+                            "state_dict": self._checkpoint_state(arrays),
+                            "strategy": pickle.dumps(strategy),
                             "state": dataclasses.asdict(state)}, f)
             if is_best:
                 os.link(tmp, best_tmp)
@@ -423,18 +434,22 @@ class FederatedRun:
         state.bytes_received += sum(payload_bytes(m) for m in replies)
         return replies
 
+    def _query(self, grid: Grid, action: str, content: RecordDict, server_round: int,
+               state: RunState) -> list[Message]:
+        """`content` to every connected client as a `query.<action>` message; the replies."""
+        wait_for_clients(grid, self.min_clients, self.cfg.round_timeout_s, server_round)
+        messages = [Message(content=content, message_type=f"query.{action}", dst_node_id=node)
+                    for node in grid.get_node_ids()]
+        return self._exchange(messages, grid, action, server_round, state)
+
     def _synthesize(self, arrays: ArrayRecord, grid: Grid, state: RunState,
                     run_log: RunLog) -> dict:
         """Rare-class synthesis before round 1: every client trains its GAN on its own train
         split (or reads its cache). What comes back: per client the seconds it took, the
         images generated per class, and a sample grid for TensorBoard."""
-        wait_for_clients(grid, self.min_clients, self.cfg.round_timeout_s, 0)
         log.info("synthesis: each client trains its GAN on its own train split (minutes on a "
                  "CPU; a later run or resume reads the client's cache)")
-        content = RecordDict({"config": self.config})
-        messages = [Message(content=content, message_type="query.synthesize", dst_node_id=node)
-                    for node in grid.get_node_ids()]
-        replies = self._exchange(messages, grid, "synthesize", 0, state)
+        replies = self._query(grid, "synthesize", RecordDict({"config": self.config}), 0, state)
         return self._log_synthesis(
             [(dict(r.content["metrics"]), to_state_dict(r.content["arrays"])["samples"].numpy()
               if "arrays" in r.content else None) for r in replies], run_log)
@@ -474,24 +489,17 @@ class FederatedRun:
             models["best"] = (state.best_round, self._arrays_of(best["state_dict"]))
         report: dict[str, Any] = {"fine_tune_epochs": epochs}
         for which, (server_round, arrays) in models.items():
-            wait_for_clients(grid, self.min_clients, self.cfg.round_timeout_s, server_round)
             content = RecordDict({"arrays": arrays, "config": ConfigRecord(
                 {**self.config, "server-round": server_round})})
-            messages = [Message(content=content, message_type="query.personalize",
-                                dst_node_id=node) for node in grid.get_node_ids()]
-            replies = self._exchange(messages, grid, "personalize", server_round, state)
-            clients = {}
-            for metrics in (dict(reply.content["metrics"]) for reply in replies):
-                clients[str(int(metrics["partition-id"]))] = {
-                    split: {k[len(split) + 1:]: v for k, v in metrics.items()
-                            if k.startswith(f"{split}_")} for split in SPLITS}
+            replies = self._query(grid, "personalize", content, server_round, state)
+            clients = {str(int(m["partition-id"])): split_rows(m)
+                       for m in (dict(reply.content["metrics"]) for reply in replies)}
             report[which] = {"round": server_round, "clients": clients,
                              "mean_test": mean_row([c["test"] for c in clients.values()])}
         # Rows only once every reply is in: a run cut here personalizes again, whole.
         for which in models:
             for client, splits in report[which]["clients"].items():
                 for split, row in splits.items():
-                    row["n"] = int(row["n"])
                     run_log.row(report[which]["round"], "personalized", int(client), split, row)
         report.setdefault("best", report["final"])  # the best round was the last
         return report
@@ -501,12 +509,8 @@ class FederatedRun:
         metrics; returns (and logs) the example-weighted mean of the clients' val metrics."""
         val_rows = []
         for metrics in evaluations:
-            client = int(metrics["partition-id"])
-            for split in SPLITS:
-                prefix = f"{split}_"
-                row = {k[len(prefix):]: v for k, v in metrics.items() if k.startswith(prefix)}
-                row["n"] = int(row["n"])
-                log.row(server_round, "client", client, split, row)
+            for split, row in split_rows(metrics).items():
+                log.row(server_round, "client", int(metrics["partition-id"]), split, row)
                 if split == "val":
                     val_rows.append(row)
         federated = mean_row(val_rows)
