@@ -20,6 +20,7 @@ from fl_sim.data_partition import FederatedData, prepare_data
 from fl_sim.models import create_model, normalization
 from fl_sim.models.clip import create_clip_model
 from fl_sim.models.finetune import freeze, frozen_digest
+from fl_sim.privacy.dpsgd import prepare_for_dpsgd
 from fl_sim.transforms import BatchPreprocessor
 
 
@@ -39,6 +40,8 @@ def build_model(cfg: RunConfig, class_names: Sequence[str],
         model = create_clip_model(cfg.model, cfg.clip, class_names, image_size)
     else:
         model = create_model(cfg.model, len(class_names), image_size)
+    if cfg.privacy and cfg.privacy.sample_level:
+        model = prepare_for_dpsgd(model)  # Opacus's per-image gradients; in every process
     freeze(model, cfg.finetune.trainable)  # the frozen part stays as built, in every process
     model = model.to(device()).to(memory_format=torch.channels_last)
     input_size = cfg.model.input_size or image_size

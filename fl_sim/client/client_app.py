@@ -23,6 +23,7 @@ from fl_sim.data_partition import FederatedData
 from fl_sim.errors import FlSimError
 from fl_sim.evaluation import evaluate_splits
 from fl_sim.models.finetune import load_weights, travelling_state
+from fl_sim.privacy.central import clip_update, wants_clipping
 from fl_sim.task import client_rng, device, load_data, load_model, model_frozen_digest
 
 app = ClientApp()
@@ -143,8 +144,11 @@ def train(msg: Message, context: Context) -> Message:
     result["train_time_s"] = time.perf_counter() - start
     if run_cfg.strategy.name == "fedbn":
         fedbn.keep_own(model, context.state, str(config["run-config"]))
-    # The trainable part only, under finetune; SCAFFOLD's Δc_i beside it.
-    arrays = ArrayRecord(OrderedDict([*travelling_state(model).items(), *(
+    trained = travelling_state(model)  # the trainable part only, under finetune
+    if wants_clipping(config):  # client-level DP, clipped here (privacy.client_level.clipping)
+        trained = clip_update(to_state_dict(msg.content["arrays"]), trained, config)
+    # SCAFFOLD's Δc_i beside the weights.
+    arrays = ArrayRecord(OrderedDict([*trained.items(), *(
         control.finish(model, result["steps"], lr).items() if control else ())]))
     if is_packed(msg.content["arrays"]):  # a deployed server's wire format: reply in kind
         arrays = pack(arrays)

@@ -5,6 +5,9 @@ between them by accident."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import nullcontext
+
 import numpy as np
 import torch
 from torch import nn
@@ -14,6 +17,7 @@ from fl_sim.config import OptimizerConfig, RunConfig
 from fl_sim.evaluation import autocast
 from fl_sim.models.clip import clip_batch_loss
 from fl_sim.models.finetune import train_mode
+from fl_sim.privacy.dpsgd import poisson_batches, private_training
 from fl_sim.strategies.fedprox import proximal_term
 from fl_sim.transforms import BatchPreprocessor
 
@@ -56,6 +60,24 @@ def make_optimizer(model: nn.Module, cfg: OptimizerConfig,
     return _OPTIMIZERS[cfg.name](groups, **kwargs)
 
 
+def _batches(indices: np.ndarray, labels: np.ndarray, cfg: RunConfig,
+             rng: np.random.Generator) -> Iterator[np.ndarray]:
+    """The rows of each step: `cfg.local_epochs` epochs in `cfg.sampler`'s order, or under
+    DP-SGD Poisson draws (an empty draw is skipped: nothing to train, the step is booked)."""
+    if cfg.privacy and cfg.privacy.sample_level:
+        yield from (idx for idx in poisson_batches(indices, cfg.batch_size, cfg.local_epochs, rng)
+                    if len(idx))
+        return
+    for _ in range(cfg.local_epochs):
+        order = epoch_order(indices, labels, cfg.sampler, rng)
+        for start in range(0, len(order), cfg.batch_size):
+            # Sorted rows read the memmap sequentially; the batch's order does not matter.
+            idx = np.sort(order[start:start + cfg.batch_size])
+            if len(idx) < 2 and len(order) > 1:
+                continue  # a batch of one breaks BatchNorm; its image returns next epoch
+            yield idx
+
+
 def train_local(
     model: nn.Module,
     images: np.ndarray,
@@ -71,6 +93,7 @@ def train_local(
     """`cfg.local_epochs` epochs of the run's loss (+ FedProx term) from the current weights,
     at learning rate `lr` (the schedule's for this round; None: the optimizer's).
     `gradient_correction` (SCAFFOLD's c - c_i, by parameter name) is added to each gradient.
+    Under `privacy.sample_level` the steps are DP-SGD's (fl_sim.privacy.dpsgd).
 
     A fresh optimizer each round, as in FedAvg: optimizer state is local and not federated.
     Returns the mean training loss (without the proximal term), the training accuracy of
@@ -87,29 +110,27 @@ def train_local(
     corrected = [(n, p) for n, p in model.named_parameters()
                  if gradient_correction and n in gradient_correction]
     generator = torch.Generator().manual_seed(int(rng.integers(2**31)))
+    dp = cfg.privacy.sample_level if cfg.privacy else None
     # The loss is summed on the device: no per-step sync, so the host prepares the next batch
     # while the GPU computes.
     total, correct = torch.zeros((), device=device), torch.zeros((), device=device)
     seen, steps = 0, 0
-    for _ in range(cfg.local_epochs):
-        order = epoch_order(indices, labels, cfg.sampler, rng)
-        for start in range(0, len(order), cfg.batch_size):
-            # Sorted rows read the memmap sequentially; the batch's order does not matter.
-            idx = np.sort(order[start:start + cfg.batch_size])
-            if len(idx) < 2 and len(order) > 1:
-                continue  # a batch of one breaks BatchNorm; its image returns next epoch
+    with (private_training(model, optimizer, dp, cfg.batch_size) if dp
+          else nullcontext((model, optimizer))) as (forward, optimizer):
+        for idx in _batches(indices, labels, cfg, rng):
+            # Before the forward pass: DP-SGD's per-image gradients must be cleared by then.
+            optimizer.zero_grad(set_to_none=True)
             x = preprocess(images[idx], generator, cfg.augment)
             y = torch.from_numpy(labels[idx]).to(device)
             with autocast(device):
                 if cfg.training == "clip":
                     loss, logits = clip_batch_loss(model, x, y, cfg.clip.loss)
                 else:
-                    logits = model(x).float()
+                    logits = forward(x).float()
                     loss = criterion(logits, y)
             objective = loss
             if global_params is not None:
                 objective = loss + proximal_term(model, global_params, proximal_mu)
-            optimizer.zero_grad(set_to_none=True)
             objective.backward()
             for name, param in corrected:  # SCAFFOLD: g + c - c_i
                 param.grad.add_(gradient_correction[name])

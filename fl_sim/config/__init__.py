@@ -5,7 +5,7 @@ from fl_sim.config.naming import proximal_mu, recipe_label, run_labels, run_name
 from fl_sim.config.schema import (
     BASELINES, AugmentConfig, ClipConfig, DataConfig, FinetuneConfig, GlobalTestConfig,
     LossConfig, LRScheduleConfig, ModelConfig, OptimizerConfig, PartitionConfig,
-    PersonalizeConfig, ResourcesConfig, Run, RunConfig, StrategyConfig, StudyConfig,
+    PersonalizeConfig, PrivacyConfig, ResourcesConfig, Run, RunConfig, StrategyConfig, StudyConfig,
     SynthesisConfig,
 )
 from fl_sim.config.study import expand_grid, format_validation_error, load_study
@@ -13,7 +13,7 @@ from fl_sim.config.study import expand_grid, format_validation_error, load_study
 __all__ = [
     "BASELINES", "AugmentConfig", "ClipConfig", "DataConfig", "FinetuneConfig",
     "GlobalTestConfig", "LossConfig", "LRScheduleConfig", "ModelConfig", "OptimizerConfig",
-    "PartitionConfig", "PersonalizeConfig", "ResourcesConfig", "Run", "RunConfig",
+    "PartitionConfig", "PersonalizeConfig", "PrivacyConfig", "ResourcesConfig", "Run", "RunConfig",
     "StrategyConfig", "StudyConfig", "SynthesisConfig", "expand_grid", "format_validation_error",
     "load_study", "proximal_mu", "recipe_label", "run_labels", "run_name",
 ]

@@ -11,7 +11,7 @@ from fl_sim.config.schema import BASELINES, RunConfig, StrategyConfig
 
 # Grid keys that run_name spells out; other varying scalars are appended as `<key><value>`.
 NAMED_KEYS = {"strategy", "model", "finetune", "optimizer", "training", "clip", "seed", "loss",
-              "synthesis", "personalize", "sampler", "lr_schedule"}
+              "synthesis", "personalize", "privacy", "sampler", "lr_schedule"}
 
 
 def proximal_mu(strategy: StrategyConfig) -> float:
@@ -53,9 +53,29 @@ def run_labels(cfg: RunConfig) -> dict[str, str]:
     return {"strategy": strategy_label(cfg.strategy), "model": model, "optimizer": optimizer}
 
 
+def privacy_tag(cfg: RunConfig) -> str:
+    """e.g. `cdp-z1-c0.5` (client-level: noise multiplier, clipping norm; `cdpc` where the
+    clients clip), `dpsgd-z1.1-c1`, both joined, then `-eps8` for a target ε and `-d1e-06`
+    for another δ than 1e-5; '' without privacy."""
+    privacy = cfg.privacy
+    if privacy is None:
+        return ""
+    parts = []
+    if (dp := privacy.client_level) is not None:
+        kind = "cdp" if dp.clipping == "server" else "cdpc"
+        parts.append(f"{kind}-z{dp.noise_multiplier:g}-c{dp.clipping_norm:g}")
+    if (sgd := privacy.sample_level) is not None:
+        parts.append(f"dpsgd-z{sgd.noise_multiplier:g}-c{sgd.max_grad_norm:g}")
+    if privacy.target_epsilon is not None:
+        parts.append(f"eps{privacy.target_epsilon:g}")
+    if privacy.delta != type(privacy).model_fields["delta"].default:
+        parts.append(f"d{privacy.delta:g}")
+    return "-".join(parts)
+
+
 def recipe_parts(cfg: RunConfig) -> list[str]:
-    """The training recipe where it differs from the defaults: loss, synthesis, sampler, lr
-    schedule."""
+    """The training recipe where it differs from the defaults: loss, synthesis,
+    personalization, privacy, sampler, lr schedule."""
     parts = []
     loss = cfg.loss
     if loss.name != "ce" or loss.label_smoothing:
@@ -71,6 +91,8 @@ def recipe_parts(cfg: RunConfig) -> list[str]:
                                *([] if classes == "minority" else classes)]))
     if cfg.personalize is not None:  # e.g. pers1: fine-tuned 1 epoch at each client
         parts.append(f"pers{cfg.personalize.fine_tune_epochs}")
+    if cfg.privacy is not None:
+        parts.append(privacy_tag(cfg))
     if cfg.sampler != "shuffle":
         parts.append(cfg.sampler)
     if cfg.lr_schedule.name != "constant":

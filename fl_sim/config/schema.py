@@ -260,6 +260,54 @@ class PersonalizeConfig(Strict):
     fine_tune_epochs: int = Field(1, ge=1, le=1000)
 
 
+class ClientLevelDPConfig(Strict):
+    """Client-level central DP through Flower's fixed-clipping wrappers: each sampled
+    client's update (its trained arrays minus the round's global ones) is clipped to
+    `clipping_norm` in L2 over all its floating-point arrays, and the server adds Gaussian
+    noise of standard deviation noise_multiplier x clipping_norm / sampled clients to their
+    plain mean. Flower's accountant (RDP, no amplification by sampling) books every round."""
+
+    noise_multiplier: float = Field(..., gt=0)
+    clipping_norm: float = Field(..., gt=0, description="L2 bound of one client's update")
+    clipping: Literal["server", "client"] = Field(
+        "server", description="who clips: the server (DifferentialPrivacyServerSideFixedClipping) "
+                              "or each client before it replies (...ClientSideFixedClipping)")
+
+
+class SampleLevelDPConfig(Strict):
+    """DP-SGD at each client (Opacus): every step samples each train image with probability
+    1 / ceil(n / batch_size) (Poisson), clips each image's gradient to `max_grad_norm` and
+    adds Gaussian noise of standard deviation noise_multiplier x max_grad_norm. Opacus's RDP
+    accountant books each client's steps. BatchNorm layers become GroupNorm (Opacus's
+    ModuleValidator.fix): a per-image gradient cannot see the batch."""
+
+    noise_multiplier: float = Field(..., gt=0)
+    max_grad_norm: float = Field(1.0, gt=0, description="L2 bound of one image's gradient")
+
+
+class PrivacyConfig(Strict):
+    """Differential privacy and its ledger (docs/privacy.md): client-level (whole clients'
+    updates), sample-level (single images at each client), or both. The ε spent is written
+    after every round; a run whose next round would pass `target_epsilon` stops before it."""
+
+    client_level: ClientLevelDPConfig | None = None
+    sample_level: SampleLevelDPConfig | None = None
+    delta: float = Field(1e-5, gt=0, lt=1, description="the δ every ε is reported at")
+    target_epsilon: float | None = Field(
+        None, gt=0, description="stop before a round that would spend more (each level apart)")
+
+    @model_validator(mode="after")
+    def _some_level(self) -> PrivacyConfig:
+        if self.client_level is None and self.sample_level is None:
+            raise ValueError("privacy needs client_level, sample_level or both "
+                             "(or leave privacy out)")
+        return self
+
+
+# Strategies whose aggregate is FedAvg's mean, the one Flower's accounted DP wrappers take.
+CLIENT_LEVEL_DP_STRATEGIES = ("fedavg", "fedprox", "fedbn")
+
+
 class ResourcesConfig(Strict):
     """Per simulated client, handed to Flower's Ray backend (scheduling hints, not limits)."""
 
@@ -346,6 +394,8 @@ class RunConfig(Strict):
         None, description="local fine-tuning of the final and best models (null: none)")
     synthesis: SynthesisConfig | None = Field(
         None, description="rare-class synthesis at each client (null: none)")
+    privacy: PrivacyConfig | None = Field(
+        None, description="differential privacy and its ε ledger (null: none)")
     sampler: Literal["shuffle", "balanced"] = Field(
         "shuffle", description="balanced: draw each epoch's images with probability 1/class count")
     lr_schedule: LRScheduleConfig = LRScheduleConfig()
@@ -370,6 +420,38 @@ class RunConfig(Strict):
         if self.personalize is not None and self.strategy.name in BASELINES:
             raise ValueError(f"personalize fine-tunes a federated model at each client; "
                              f"{self.strategy.name!r} has no global model to personalize")
+        return self
+
+    @model_validator(mode="after")
+    def _privacy_fits_the_run(self) -> RunConfig:
+        if self.privacy is None:
+            return self
+        strategy = self.strategy.name
+        central, dpsgd = self.privacy.client_level, self.privacy.sample_level
+        if central is not None:
+            if strategy not in CLIENT_LEVEL_DP_STRATEGIES:
+                raise ValueError(
+                    f"privacy.client_level noises FedAvg's plain mean of clipped updates; "
+                    f"strategy {strategy!r} aggregates otherwise. Use one of "
+                    f"{', '.join(CLIENT_LEVEL_DP_STRATEGIES)}")
+            if self.strategy.weighting != "uniform":
+                raise ValueError(
+                    "privacy.client_level needs strategy.weighting: uniform: each clipped "
+                    "update counts once, so the noise covers any one client; example weights "
+                    "would let a large client's update outweigh the noise")
+        if dpsgd is not None:
+            refused = {
+                "strategy fedprox": strategy == "fedprox",  # its term has no per-image gradient
+                "strategy scaffold": strategy == "scaffold",  # its correction would skip the noise
+                "training: clip": self.training == "clip",  # a batch's contrastive loss
+                "sampler: balanced": self.sampler != "shuffle",  # DP-SGD samples by Poisson
+                "synthesis": self.synthesis is not None,  # the GAN would see the images unclipped
+            }
+            clash = [what for what, hit in refused.items() if hit]
+            if clash:
+                raise ValueError(
+                    f"privacy.sample_level (DP-SGD) does not combine with {clash[0]}: its "
+                    "guarantee covers per-image clipped, noised gradients only (docs/privacy.md)")
         return self
 
     @model_validator(mode="after")

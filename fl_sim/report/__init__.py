@@ -13,6 +13,7 @@ from fl_sim.report.collect import REPORT_DIR, Study, load_study
 from fl_sim.report.markdown import render
 from fl_sim.report.plots import write_figures
 from fl_sim.report.personalization import personalization_section
+from fl_sim.report.privacy import privacy_section
 from fl_sim.report.probes import probes_section
 from fl_sim.report.tables import seed_table, versus_pooled
 
@@ -31,6 +32,7 @@ def write_report(study_dir: Path) -> Path:
     table.to_csv(out / "test_metrics.csv", index=False)
     versus = versus_pooled(table, study.runs)
     figures = write_figures(study.rows, table, versus, out)
-    extra = [*personalization_section(study), *probes_section(study)]
+    extra = [*personalization_section(study), *privacy_section(study, out),
+             *probes_section(study)]
     (out / "report.md").write_text(render(study, table, versus, figures, extra), encoding="utf-8")
     return out / "report.md"

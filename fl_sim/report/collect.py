@@ -141,7 +141,8 @@ def _load_run(run_dir: Path) -> tuple[dict[str, Any], pd.DataFrame, dict[str, An
            "seed": cfg.seed, "best_round": best_round,
            "selection_metric": cfg.selection_metric, "rounds": cfg.rounds,
            "wall_time_s": summary.get("wall_time_s", math.nan),
-           "bytes_sent": summary.get("bytes_sent", math.nan)}
+           "bytes_sent": summary.get("bytes_sent", math.nan),
+           "privacy": summary.get("privacy") or {}, "stopped": summary.get("stopped")}
     notes = [f"metrics.jsonl line {line} is torn (cut off in the middle of a write) and was "
              "left out; the run's other rows are reported" for line in torn]
     return run, rows, config, notes

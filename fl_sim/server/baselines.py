@@ -24,6 +24,7 @@ from fl_sim.arrays import to_state_dict
 from fl_sim.client.train import train_local
 from fl_sim.client.train_split import client_synthesis, synthesis_report, train_split
 from fl_sim.evaluation import evaluate, evaluate_splits
+from fl_sim.privacy.ledger import trainer_key
 from fl_sim.server.loop import FederatedRun, PhaseTimer, RunState, train_row
 from fl_sim.server.run_log import RunLog
 from fl_sim.task import client_rng
@@ -76,6 +77,9 @@ class BaselineRun(FederatedRun):
 
 
 class PooledRun(BaselineRun):
+    def _trainers(self) -> dict[str, int]:
+        return {trainer_key(None): sum(len(self.data.indices(c, "train")) for c in self.clients)}
+
     def _train(self, server_round: int, arrays: ArrayRecord, strategy: Any, grid: Any,
                state: RunState, phase: PhaseTimer) -> tuple[ArrayRecord, dict]:
         self.model.load_state_dict(to_state_dict(arrays), strict=True)

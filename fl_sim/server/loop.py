@@ -35,6 +35,8 @@ from fl_sim.errors import FlSimError
 from fl_sim.evaluation import predict
 from fl_sim.metrics import HEADLINE, classification_metrics
 from fl_sim.models.finetune import frozen_digest, load_weights, travelling_state
+from fl_sim.privacy.central import with_client_level_dp
+from fl_sim.privacy.ledger import PrivacyLedger, trainer_key
 from fl_sim.server.failures import (
     WRITE_ERRORS, RunFailed, check_finite, failed_before, finite_or_null,
     not_resumed, rounds_kept, stop_if_requested, stop_requested,
@@ -196,6 +198,7 @@ class RunState:
     stopped: dict[str, Any] | None = None  # {"round", "reason"} of an early stop
     synthesis: dict[str, Any] = field(default_factory=dict)  # client -> cost and counts
     personalized: dict[str, Any] = field(default_factory=dict)  # final/best -> client metrics
+    privacy: dict[str, Any] = field(default_factory=dict)  # PrivacyLedger.summary, last round
 
 
 def train_row(metrics: Any, n: int) -> dict[str, Any]:
@@ -344,7 +347,17 @@ class FederatedRun:
         strategy = build_strategy(self.cfg.strategy, self.data.num_clients, self.min_clients,
                                   trainable=[name for name, p in params if p.requires_grad],
                                   client_lr=optimizer_kwargs(self.cfg.optimizer)["lr"])
+        if self.cfg.privacy and self.cfg.privacy.client_level:
+            strategy = with_client_level_dp(
+                strategy, self.cfg.privacy, self.data.num_clients,
+                sample_size(self.data.num_clients, self.cfg.strategy.fraction_train))
         return ArrayRecord(travelling_state(self.model)), strategy
+
+    def _trainers(self) -> dict[str, int]:
+        """Who trains in a round (every client, at most), with their own train images: what
+        the privacy ledger foresees the next round's cost by."""
+        return {trainer_key(c): len(self.data.indices(c, "train"))
+                for c in range(self.data.num_clients)}
 
     def _arrays_of(self, state_dict: dict[str, torch.Tensor]) -> ArrayRecord:
         """The round's arrays from a checkpoint's whole model: its travelling tensors."""
@@ -531,9 +544,26 @@ class FederatedRun:
                 for m in (reply.content["metrics"] for reply in replies)}
         arrays, _ = strategy.aggregate_train(server_round, replies)
         if arrays is None:
-            raise FlSimError(f"round {server_round}: {self.cfg.strategy.name} aggregated nothing.")
+            why = (" Under privacy.client_level every sampled client must reply: the noise is "
+                   "calibrated to them." if self.cfg.privacy and self.cfg.privacy.client_level
+                   else "")
+            raise FlSimError(f"round {server_round}: {self.cfg.strategy.name} aggregated "
+                             f"nothing.{why}")
         phase("aggregate")
         return arrays, rows
+
+    def _log_privacy(self, server_round: int, privacy: dict[str, Any], log: RunLog) -> None:
+        """Rows of scope `privacy`: the ε of each level (split) after the round, and under
+        DP-SGD each client's own."""
+        for level in ("client_level", "sample_level"):
+            if level in privacy:
+                spent = privacy[level]
+                log.row(server_round, "privacy", None, level,
+                        {"epsilon": spent["epsilon"], "delta": privacy["delta"]})
+                for trainer, epsilon in spent.get("clients", {}).items():
+                    if trainer != "pooled":  # the pooled model's is the row above
+                        log.row(server_round, "privacy", int(trainer), level,
+                                {"epsilon": epsilon, "delta": privacy["delta"]})
 
     def _evaluate_clients(self, server_round: int, arrays: ArrayRecord, strategy: Any,
                           grid: Grid, state: RunState) -> list[dict]:
@@ -560,6 +590,10 @@ class FederatedRun:
         log.scalar("train/lr", lr, server_round)
         arrays, rows = self._train(server_round, arrays, strategy, grid, state, phase)
         check_finite(server_round, rows, arrays, lr)
+        if self.ledger is not None:
+            self.ledger.book({client: row["n"] for client, row in rows.items()})
+            state.privacy = self.ledger.summary(strategy)
+            self._log_privacy(server_round, state.privacy, log)
         for client, row in rows.items():
             if client is not None:
                 log.row(server_round, "client", client, "train", row)
@@ -626,6 +660,10 @@ class FederatedRun:
         metric = self.cfg.selection_metric
         schedule = LRSchedule(self.cfg.lr_schedule, optimizer_kwargs(self.cfg.optimizer)["lr"],
                               self.cfg.rounds, state.schedule)
+        self.ledger = (PrivacyLedger(self.cfg, self._trainers(), state.privacy)
+                       if self.cfg.privacy else None)
+        if self.ledger is not None and not state.privacy:
+            state.privacy = self.ledger.summary(strategy)  # nothing spent yet
         if state.round == 0:
             if self.cfg.synthesis is not None:
                 state.synthesis = self._synthesize(arrays, grid, state, log)
@@ -633,6 +671,9 @@ class FederatedRun:
             log.commit()  # round 0 (the initial model) stays, whatever stops round 1
         for server_round in range(state.round + 1, self.cfg.rounds + 1):
             if state.stopped:  # early stop (also when resuming a run that stopped)
+                break
+            if self.ledger is not None and (overspend := self.ledger.overspend(strategy)):
+                state.stopped = {"round": server_round - 1, "reason": overspend}
                 break
             self._pending_round = server_round
             t0 = time.perf_counter()
@@ -699,6 +740,7 @@ class FederatedRun:
             "bytes_received": state.bytes_received,
             **({"synthesis": state.synthesis} if state.synthesis else {}),
             **({"personalized": state.personalized} if state.personalized else {}),
+            **({"privacy": state.privacy} if state.privacy else {}),
             **({"finetune": {"trainable": self.cfg.finetune.trainable, **self.trained_part}}
                if self.frozen else {}),
             # What the global evaluation's model holds where clients keep their own layers.

@@ -1,0 +1,100 @@
+"""Sample-level DP-SGD at a client, with Opacus: per-image gradients (ExpandedWeights),
+clipped and noised by its DPOptimizer, on batches drawn by Poisson sampling.
+
+fl-sim's own batch loop stays: each of an epoch's ceil(n / batch_size) steps takes every
+train image with probability 1 / ceil(n / batch_size), as Opacus's DPDataLoader would. The
+number of steps is therefore fixed by n, so the server can book (and foresee) every
+client's privacy cost (fl_sim.privacy.ledger). An empty draw trains nothing but still
+counts as a step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from opacus.grad_sample import GradSampleModuleExpandedWeights
+from opacus.optimizers import DPOptimizer
+from opacus.validators import ModuleValidator
+from timm.layers.norm_act import BatchNormAct2d, GroupNormAct
+from torch import nn
+
+from fl_sim.errors import FlSimError
+
+if TYPE_CHECKING:
+    from fl_sim.config.schema import SampleLevelDPConfig
+
+
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    return max(1, math.ceil(n / batch_size))
+
+
+def sample_rate(n: int, batch_size: int) -> float:
+    """The probability that a step's batch holds a given image (Opacus's 1 / len(loader))."""
+    return 1.0 / steps_per_epoch(n, batch_size)
+
+
+def poisson_batches(indices: np.ndarray, batch_size: int, epochs: int,
+                    rng: np.random.Generator) -> Iterator[np.ndarray]:
+    """`epochs` x steps_per_epoch batches, each a Poisson sample of `indices` (sorted)."""
+    q = sample_rate(len(indices), batch_size)
+    for _ in range(epochs * steps_per_epoch(len(indices), batch_size)):
+        yield np.sort(indices[rng.random(len(indices)) < q])
+
+
+def _group_norm(bn: nn.modules.batchnorm._BatchNorm) -> nn.Module:
+    """A GroupNorm for `bn`: as many groups as divide its channels, up to 32; BatchNorm's
+    (pretrained) scale and shift; timm's fused activation kept."""
+    channels = bn.num_features
+    groups = math.gcd(32, channels)
+    if isinstance(bn, BatchNormAct2d):
+        norm = GroupNormAct(channels, groups, eps=bn.eps, affine=bn.affine, apply_act=False)
+        norm.drop, norm.act = bn.drop, bn.act
+    else:
+        norm = nn.GroupNorm(groups, channels, eps=bn.eps, affine=bn.affine)
+    if bn.affine:
+        with torch.no_grad():
+            norm.weight.copy_(bn.weight)
+            norm.bias.copy_(bn.bias)
+    return norm
+
+
+def prepare_for_dpsgd(model: nn.Module) -> nn.Module:
+    """`model` (changed in place) as Opacus needs it: every BatchNorm layer a GroupNorm (a
+    per-image gradient must not depend on the batch) and no in-place activation (per-image
+    gradients need the layers' outputs as they were); checked by its ModuleValidator."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, _group_norm(module))
+    for module in model.modules():
+        if getattr(module, "inplace", False) is True:
+            module.inplace = False
+    errors = ModuleValidator.validate(model, strict=False)
+    if errors:
+        raise FlSimError(
+            f"privacy.sample_level: Opacus cannot compute per-image gradients of this model: "
+            f"{'; '.join(map(str, errors[:3]))}. Choose another model.")
+    return model
+
+
+@contextmanager
+def private_training(model: nn.Module, optimizer: torch.optim.Optimizer,
+                     dp: SampleLevelDPConfig, batch_size: int
+                     ) -> Iterator[tuple[nn.Module, torch.optim.Optimizer]]:
+    """The model's forward with per-image gradients and Opacus's DPOptimizer around
+    `optimizer`; the per-image state comes off on exit (the model is reused every round).
+    Per-image gradients come from torch's ExpandedWeights (Opacus's `ew` mode): its default
+    hooks forbid an in-place change of a layer's output, which timm's ResNet blocks make
+    (`x += shortcut`)."""
+    forward = GradSampleModuleExpandedWeights(model, batch_first=True, loss_reduction="mean")
+    private = DPOptimizer(optimizer, noise_multiplier=dp.noise_multiplier,
+                          max_grad_norm=dp.max_grad_norm, expected_batch_size=batch_size)
+    try:
+        yield forward, private
+    finally:
+        forward.cleanup()  # per-image gradients off the parameters
