@@ -61,7 +61,8 @@ def evaluate_splits(model: nn.Module, data: FederatedData, partition: int,
     return metrics
 
 
-def autocast(device: torch.device) -> torch.autocast:
-    """bf16 autocast on CUDA; a no-op elsewhere (CPU autocast is slower for these models)."""
+def autocast(device: torch.device, enabled: bool = True) -> torch.autocast:
+    """bf16 autocast on CUDA; a no-op elsewhere (CPU autocast is slower for these models)
+    or where not `enabled`."""
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16,
-                          enabled=device.type == "cuda")
+                          enabled=enabled and device.type == "cuda")

@@ -41,7 +41,7 @@ def build_model(cfg: RunConfig, class_names: Sequence[str],
     else:
         model = create_model(cfg.model, len(class_names), image_size)
     if cfg.privacy and cfg.privacy.sample_level:
-        model = prepare_for_dpsgd(model)  # Opacus's per-image gradients; in every process
+        model = prepare_for_dpsgd(model, cfg.model.input_size or image_size)  # in every process
     freeze(model, cfg.finetune.trainable)  # the frozen part stays as built, in every process
     model = model.to(device()).to(memory_format=torch.channels_last)
     input_size = cfg.model.input_size or image_size

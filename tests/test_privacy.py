@@ -38,6 +38,8 @@ def run_config(**settings) -> RunConfig:
     ({"strategy": {"name": "scaffold"}, "privacy": DPSGD}, "does not combine with strategy scaffold"),
     ({"sampler": "balanced", "privacy": DPSGD}, "does not combine with sampler: balanced"),
     ({"synthesis": {}, "privacy": DPSGD}, "does not combine with synthesis"),
+    ({"loss": {"name": "weighted_ce"}, "privacy": DPSGD}, "does not combine with loss: weighted_ce"),
+    ({"strategy": {"name": "fedbn"}, "privacy": DPSGD}, "does not combine with strategy fedbn"),
     ({"privacy": {"target_epsilon": 8}}, "privacy needs client_level, sample_level or both"),
 ])
 def test_privacy_refuses_what_its_guarantee_does_not_cover(settings, refusal):
@@ -85,7 +87,7 @@ def test_dpsgd_models_trade_batchnorm_for_groupnorm_with_the_same_affine():
     bn = model.get_submodule("1")
     weight, bias = bn.weight.detach().clone(), bn.bias.detach().clone()
     model.get_submodule("2").inplace = True
-    prepare_for_dpsgd(model)
+    prepare_for_dpsgd(model, 6)
     norm = model.get_submodule("1")
     assert isinstance(norm, nn.GroupNorm) and norm.num_groups == 4  # gcd(32, 4 channels)
     assert torch.equal(norm.weight, weight) and torch.equal(norm.bias, bias)
@@ -101,7 +103,7 @@ def test_dpsgd_clips_each_image_gradient():
 
     torch.manual_seed(0)
     model = prepare_for_dpsgd(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
-                                            nn.Flatten(), nn.Linear(4 * 6 * 6, 3)))
+                                            nn.Flatten(), nn.Linear(4 * 6 * 6, 3)), 8)
     before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
     cfg = run_config(batch_size=64, augment=False,
                      optimizer={"name": "sgd", "lr": 1.0, "weight_decay": 0.0},
@@ -114,6 +116,33 @@ def test_dpsgd_clips_each_image_gradient():
     moved = torch.cat([p.detach().flatten() for p in model.parameters()]) - before
     assert 0 < moved.norm() <= 0.01 * 1.0001
     assert not any(hasattr(p, "grad_sample") for p in model.parameters())  # hooks are off
+
+
+def test_dpsgd_refuses_a_model_without_per_image_gradients_at_build_time():
+    from fl_sim.errors import FlSimError
+    from fl_sim.task import build_model
+
+    cfg = run_config(model={"name": "test_convnext"}, privacy=DPSGD)  # LayerScale
+    with pytest.raises(FlSimError, match="no per-image gradients through this model"):
+        build_model(cfg, ["a", "b"], 32)
+
+
+def test_dpsgd_trains_in_fp32_under_autocast(monkeypatch):
+    """On CUDA the loop runs in bf16 autocast, which per-image gradients cannot take: DP-SGD
+    turns it off (forced on here, on the CPU)."""
+    import fl_sim.client.train as train
+
+    real = train.autocast
+    monkeypatch.setattr(train, "autocast", lambda device, enabled=True: torch.autocast(
+        "cpu", dtype=torch.bfloat16, enabled=enabled))
+    model = prepare_for_dpsgd(bn_model(0), 6)
+    cfg = run_config(batch_size=8, augment=False, privacy=DPSGD)
+    from fl_sim.transforms import BatchPreprocessor
+    images = (np.random.default_rng(0).random((16, 6, 6, 3)) * 255).astype(np.uint8)
+    result = train.train_local(model, images, np.arange(16) % 2, np.arange(16),
+                               BatchPreprocessor(6, None, torch.device("cpu")), cfg,
+                               np.random.default_rng(1))
+    assert result["steps"] >= 1 and real is not train.autocast
 
 
 def _replies(models: list[nn.Module]) -> list[Message]:

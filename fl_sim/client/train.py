@@ -65,7 +65,7 @@ def _batches(indices: np.ndarray, labels: np.ndarray, cfg: RunConfig,
     """The rows of each step: `cfg.local_epochs` epochs in `cfg.sampler`'s order, or under
     DP-SGD Poisson draws (an empty draw is skipped: nothing to train, the step is booked)."""
     if cfg.privacy and cfg.privacy.sample_level:
-        yield from (idx for idx in poisson_batches(indices, cfg.batch_size, cfg.local_epochs, rng)
+        yield from (idx for idx in poisson_batches(indices, cfg.batch_size, cfg.local_epochs)
                     if len(idx))
         return
     for _ in range(cfg.local_epochs):
@@ -115,14 +115,14 @@ def train_local(
     # while the GPU computes.
     total, correct = torch.zeros((), device=device), torch.zeros((), device=device)
     seen, steps = 0, 0
-    with (private_training(model, optimizer, dp, cfg.batch_size) if dp
+    with (private_training(model, optimizer, dp, len(indices), cfg.batch_size) if dp
           else nullcontext((model, optimizer))) as (forward, optimizer):
         for idx in _batches(indices, labels, cfg, rng):
             # Before the forward pass: DP-SGD's per-image gradients must be cleared by then.
             optimizer.zero_grad(set_to_none=True)
             x = preprocess(images[idx], generator, cfg.augment)
             y = torch.from_numpy(labels[idx]).to(device)
-            with autocast(device):
+            with autocast(device, enabled=dp is None):  # per-image gradients in fp32
                 if cfg.training == "clip":
                     loss, logits = clip_batch_loss(model, x, y, cfg.clip.loss)
                 else:

@@ -278,8 +278,8 @@ class SampleLevelDPConfig(Strict):
     """DP-SGD at each client (Opacus): every step samples each train image with probability
     1 / ceil(n / batch_size) (Poisson), clips each image's gradient to `max_grad_norm` and
     adds Gaussian noise of standard deviation noise_multiplier x max_grad_norm. Opacus's RDP
-    accountant books each client's steps. BatchNorm layers become GroupNorm (Opacus's
-    ModuleValidator.fix): a per-image gradient cannot see the batch."""
+    accountant books each client's steps. BatchNorm layers become GroupNorm (checked by
+    Opacus's ModuleValidator): a per-image gradient cannot see the batch."""
 
     noise_multiplier: float = Field(..., gt=0)
     max_grad_norm: float = Field(1.0, gt=0, description="L2 bound of one image's gradient")
@@ -446,6 +446,9 @@ class RunConfig(Strict):
                 "training: clip": self.training == "clip",  # a batch's contrastive loss
                 "sampler: balanced": self.sampler != "shuffle",  # DP-SGD samples by Poisson
                 "synthesis": self.synthesis is not None,  # the GAN would see the images unclipped
+                # Its mean divides by the batch's weights: one image would scale the others.
+                "loss: weighted_ce": self.loss.name == "weighted_ce",
+                "strategy fedbn": strategy == "fedbn",  # BatchNorm becomes GroupNorm
             }
             clash = [what for what, hit in refused.items() if hit]
             if clash:

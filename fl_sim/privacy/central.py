@@ -58,10 +58,15 @@ class _FloatArraysAccounted:
         mean, metrics = super().aggregate_train(server_round, replies)
         if mean is None:
             return None, metrics
+        # Noise can take a small variance below 0 (NaN in evaluation); clamping a released
+        # value is post-processing, which costs no privacy.
+        mean = OrderedDict((k, Array(np.maximum(v.numpy(), 0)) if k.endswith("running_var")
+                            else v) for k, v in mean.items())
         return ArrayRecord(OrderedDict([*mean.items(), *self._integers.items()])), metrics
 
     def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
+        # A round's arrays (current_arrays, _integers) come anew with each configure_train.
+        state = {k: v for k, v in self.__dict__.items() if k not in ("current_arrays", "_integers")}
         state["accountant"] = (self.accountant.config, self.accountant.state_dict())
         return state
 

@@ -11,6 +11,7 @@ counts as a step.
 from __future__ import annotations
 
 import math
+import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
@@ -39,8 +40,10 @@ def sample_rate(n: int, batch_size: int) -> float:
 
 
 def poisson_batches(indices: np.ndarray, batch_size: int, epochs: int,
-                    rng: np.random.Generator) -> Iterator[np.ndarray]:
-    """`epochs` x steps_per_epoch batches, each a Poisson sample of `indices` (sorted)."""
+                    rng: np.random.Generator | None = None) -> Iterator[np.ndarray]:
+    """`epochs` x steps_per_epoch batches, each a Poisson sample of `indices` (sorted). The
+    draws must be secret (the guarantee counts on it): without `rng`, from OS entropy."""
+    rng = rng or np.random.default_rng()
     q = sample_rate(len(indices), batch_size)
     for _ in range(epochs * steps_per_epoch(len(indices), batch_size)):
         yield np.sort(indices[rng.random(len(indices)) < q])
@@ -63,7 +66,7 @@ def _group_norm(bn: nn.modules.batchnorm._BatchNorm) -> nn.Module:
     return norm
 
 
-def prepare_for_dpsgd(model: nn.Module) -> nn.Module:
+def prepare_for_dpsgd(model: nn.Module, input_size: int) -> nn.Module:
     """`model` (changed in place) as Opacus needs it: every BatchNorm layer a GroupNorm (a
     per-image gradient must not depend on the batch) and no in-place activation (per-image
     gradients need the layers' outputs as they were); checked by its ModuleValidator."""
@@ -75,16 +78,26 @@ def prepare_for_dpsgd(model: nn.Module) -> nn.Module:
         if getattr(module, "inplace", False) is True:
             module.inplace = False
     errors = ModuleValidator.validate(model, strict=False)
+    try:  # ExpandedWeights covers layers, not parameters used outside them: try two images
+        if not errors:
+            probe = GradSampleModuleExpandedWeights(model, batch_first=True)
+            probe(torch.zeros(2, 3, input_size, input_size)).sum().backward()
+            probe.cleanup()
+            model.zero_grad(set_to_none=True)
+    except RuntimeError as err:
+        errors = [str(err).splitlines()[0]]
     if errors:
         raise FlSimError(
-            f"privacy.sample_level: Opacus cannot compute per-image gradients of this model: "
-            f"{'; '.join(map(str, errors[:3]))}. Choose another model.")
+            f"privacy.sample_level: no per-image gradients through this model "
+            f"({'; '.join(map(str, errors[:3]))}). Models that work: resnet*, efficientnet*, "
+            "tf_efficientnet_lite0 (not ConvNeXt, ViT or Swin: their LayerScale and "
+            "position embeddings are parameters outside a layer).")
     return model
 
 
 @contextmanager
 def private_training(model: nn.Module, optimizer: torch.optim.Optimizer,
-                     dp: SampleLevelDPConfig, batch_size: int
+                     dp: SampleLevelDPConfig, n: int, batch_size: int
                      ) -> Iterator[tuple[nn.Module, torch.optim.Optimizer]]:
     """The model's forward with per-image gradients and Opacus's DPOptimizer around
     `optimizer`; the per-image state comes off on exit (the model is reused every round).
@@ -92,9 +105,13 @@ def private_training(model: nn.Module, optimizer: torch.optim.Optimizer,
     hooks forbid an in-place change of a layer's output, which timm's ResNet blocks make
     (`x += shortcut`)."""
     forward = GradSampleModuleExpandedWeights(model, batch_first=True, loss_reduction="mean")
+    # The noise must be secret: its generator is seeded from OS entropy, not the run's seed.
     private = DPOptimizer(optimizer, noise_multiplier=dp.noise_multiplier,
-                          max_grad_norm=dp.max_grad_norm, expected_batch_size=batch_size)
+                          max_grad_norm=dp.max_grad_norm,
+                          expected_batch_size=max(1, round(n * sample_rate(n, batch_size))),
+                          generator=torch.Generator().manual_seed(secrets.randbits(63)))
     try:
         yield forward, private
     finally:
-        forward.cleanup()  # per-image gradients off the parameters
+        private.zero_grad(set_to_none=True)  # the summed gradients off the parameters
+        forward.cleanup()  # and the per-image ones, with their attributes

@@ -290,6 +290,12 @@ class FederatedRun:
                              "tf_efficientnet_lite0) that trains some.")
         if self.cfg.synthesis is not None:
             synthesis_classes(self.cfg.synthesis, self.data.classes)  # names known classes
+        if (self.cfg.privacy and self.cfg.privacy.client_level
+                and self.min_clients != self.data.num_clients):
+            raise FlSimError(
+                f"privacy.client_level calibrates its noise to a fixed sample of the "
+                f"{self.data.num_clients} clients, so every client must connect: leave "
+                f"min_clients out (it is {self.min_clients}).")
         if self.min_clients > self.data.num_clients:
             raise FlSimError(f"min_clients {self.min_clients} exceeds the partition's "
                              f"{self.data.num_clients} clients: lower it.")
