@@ -191,6 +191,32 @@ def test_central_dp_clips_each_update_noises_the_mean_and_books_epsilon(monkeypa
     assert restored.privacy_spent() == spent
 
 
+def test_the_server_refuses_a_client_side_update_that_was_not_clipped(monkeypatch):
+    from fl_sim.errors import FlSimError
+
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    cfg = run_config(strategy={"name": "fedavg", "weighting": "uniform"}, privacy={
+        "client_level": {"noise_multiplier": 1.0, "clipping_norm": 0.1, "clipping": "client"}})
+    strategy = with_client_level_dp(build_strategy(StrategyConfig(name="fedavg",
+                                                                  weighting="uniform"), 2),
+                                    cfg.privacy, num_clients=2, sampled=2)
+    start = bn_model(0)
+    grid = type("Grid", (), {"get_node_ids": lambda self: [0, 1]})()
+    messages = list(strategy.configure_train(1, ArrayRecord(start.state_dict()), ConfigRecord(),
+                                             grid))
+    assert messages[0].content["config"]["clipping_norm"] == 0.1  # the clients are told
+    clipped = clip_update(start.state_dict(), bn_model(1).state_dict(),
+                          ConfigRecord({"clipping_norm": 0.1}))
+    replies = _replies([start, start])
+    replies[0].content["arrays"] = ArrayRecord(clipped)
+    replies[1].content["arrays"] = ArrayRecord(bn_model(2).state_dict())  # not clipped
+    replies[1].content["metrics"]["partition-id"] = 1
+    with pytest.raises(FlSimError, match="client 1's update has L2 norm .* it did not clip"):
+        strategy.aggregate_train(1, replies)
+
+
 def test_client_side_clipping_bounds_the_float_update_and_keeps_integers():
     received = bn_model(0).state_dict()
     trained = bn_model(1).state_dict()

@@ -26,6 +26,7 @@ from flwr.supercore.privacy_accounting import PrivacyConfig as AccountingConfig
 from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
 from fl_sim.config import PrivacyConfig
+from fl_sim.errors import FlSimError
 
 ACCOUNTING = ("RDP (dp-accounting, Flower's RdpAccountant); add-or-remove-one client, "
               "no amplification by sampling")
@@ -47,6 +48,7 @@ class _FloatArraysAccounted:
                         grid: Grid) -> Iterable[Message]:
         # Clients get every array (their model loads whole); the mean gets the floats.
         self._integers = OrderedDict((k, v) for k, v in arrays.items() if not is_float(v))
+        self._sent = floats_only(arrays)  # what a reply's update is measured from
         return super().configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
@@ -66,7 +68,8 @@ class _FloatArraysAccounted:
 
     def __getstate__(self) -> dict:
         # A round's arrays (current_arrays, _integers) come anew with each configure_train.
-        state = {k: v for k, v in self.__dict__.items() if k not in ("current_arrays", "_integers")}
+        state = {k: v for k, v in self.__dict__.items()
+                 if k not in ("current_arrays", "_integers", "_sent")}
         state["accountant"] = (self.accountant.config, self.accountant.state_dict())
         return state
 
@@ -83,13 +86,36 @@ class ServerSideClipping(_FloatArraysAccounted, fl.DifferentialPrivacyServerSide
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         messages = super().configure_train(server_round, arrays, config, grid)
-        self.current_arrays = floats_only(arrays)  # what a reply's update is measured from
+        self.current_arrays = self._sent  # Flower clips each reply's update from these
         return messages
 
 
 class ClientSideClipping(_FloatArraysAccounted, fl.DifferentialPrivacyClientSideFixedClipping):
     """Flower's client-side fixed clipping (the clients clip: `clip_update`), on the
-    floating-point arrays (see the module)."""
+    floating-point arrays (see the module). A reply whose update is longer than the
+    clipping norm (a client that did not clip) stops the run: the noise would not cover it."""
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        for reply in replies:
+            if not reply.has_error():
+                norm = update_norm(self._sent, reply.content["arrays"])
+                if norm > self.clipping_norm * (1 + 1e-4) + 1e-6:
+                    client = reply.content["metrics"].get("partition-id", "?")
+                    raise FlSimError(
+                        f"round {server_round}: client {client}'s update has L2 norm "
+                        f"{norm:.4g}, above privacy.client_level.clipping_norm "
+                        f"{self.clipping_norm:g}: it did not clip (is its fl-sim older?). "
+                        "The rounds finished before are kept.")
+        return super().aggregate_train(server_round, replies)
+
+
+def update_norm(sent: ArrayRecord, trained: ArrayRecord) -> float:
+    """L2 norm of `trained` - `sent` over `sent`'s (floating-point) arrays."""
+    return float(np.sqrt(sum(
+        np.sum((trained[k].numpy().astype(np.float64) - v.numpy()) ** 2)
+        for k, v in sent.items())))
 
 
 def with_client_level_dp(strategy: fl.FedAvg, privacy: PrivacyConfig, num_clients: int,
