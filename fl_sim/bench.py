@@ -1,9 +1,11 @@
 """`fl-sim bench`: fl-sim against the plain PyTorch loop and the hardware, side by side.
 
-Four measurements, in one run, appended to BENCHMARKS.md with the device and versions:
+Five measurements, in one run, appended to BENCHMARKS.md with the device and versions:
 - data: images/s from the decoded-image cache vs decoding the JPEGs with PIL in the loop;
 - augmentation: images/s of the training input path with no augmentation, flips and
   90-degree turns (the default), and every option on (crop, rotation, colour jitter);
+- DP-SGD: images/s of a client's training steps with per-image clipping and noise (Opacus)
+  against the same steps without (`privacy.sample_level`);
 - FL overhead: R rounds of N clients x E epochs in the Simulation Engine vs one process
   doing the same optimizer steps and the same evaluations with the same functions;
 - communication: bytes per round, and the time to pack, unpack, transport and aggregate the
@@ -35,7 +37,7 @@ from rich.table import Table
 
 from fl_sim.arrays import to_state_dict, weighted_mean
 from fl_sim.client.train import train_local
-from fl_sim.config import DataConfig, ModelConfig, StudyConfig, expand_grid
+from fl_sim.config import DataConfig, ModelConfig, RunConfig, StudyConfig, expand_grid
 from fl_sim.config.schema import AugmentConfig
 from fl_sim.data_partition import prepare_data
 from fl_sim.evaluation import evaluate
@@ -161,6 +163,41 @@ def _augment_row(device: torch.device, size: int, batches: int, batch: int) -> R
                f"{rate['full'] / rate['flips']:.2f}x",
                f"none: {rate['none']:,.0f}; full: crop_scale 0.7, rotation 15, brightness, "
                "contrast, saturation 0.2, hue 0.02")
+
+
+def bench_dpsgd(model: str, size: int, steps: int, batch: int = 32) -> list[Row]:
+    """images/s of train_local's steps on random images: DP-SGD (`privacy.sample_level`, its
+    model with GroupNorm) against the plain steps of the run's own model, on this process's
+    device, best of 2 alternating trials after a warm-up."""
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (steps * batch, size, size, 3), dtype=np.uint8)
+    labels = rng.integers(0, 7, len(images))
+    runs = {name: RunConfig.model_validate({
+        "model": {"name": model}, "batch_size": batch, "optimizer": {"name": "adamw"},
+        **({"privacy": {"sample_level": {"noise_multiplier": 1.0}}} if name == "dpsgd" else {})})
+        for name in ("plain", "dpsgd")}
+    built = {name: build_model(cfg, [str(k) for k in range(7)], size)
+             for name, cfg in runs.items()}
+
+    def seconds(name: str, rows: np.ndarray) -> float:
+        model, preprocess = built[name]
+        start = time.perf_counter()
+        train_local(model, images, labels, rows, preprocess, runs[name],
+                    np.random.default_rng(1))
+        if preprocess.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    for name in runs:  # warm-up: one batch
+        seconds(name, np.arange(batch))
+    trials = [{name: seconds(name, np.arange(len(images))) for name in runs} for _ in range(2)]
+    rate = {name: len(images) / min(t[name] for t in trials) for name in runs}
+    where = built["plain"][1].device.type.upper()
+    return [Row(f"DP-SGD: train images/s, {model} at {size} px, batch {batch}, {where}",
+                f"{rate['dpsgd']:,.1f} (DP-SGD)", f"{rate['plain']:,.1f} (plain)",
+                f"{rate['dpsgd'] / rate['plain']:.2f}x",
+                f"{steps} steps; Poisson batches, per-image clipping (ExpandedWeights), noise; "
+                "GroupNorm for BatchNorm")]
 
 
 def overhead_study(tmp: Path, rounds: int, clients: int, epochs: int, image_size: int,
@@ -307,12 +344,14 @@ def run_bench(quick: bool, ham_root: Path, output: Path | None, console: Console
     elif quick:
         items = [lambda: bench_data(ham_root, sizes=[64], batches=10),
                  lambda: bench_augment(sizes=[64, 224], batches=10),
+                 lambda: bench_dpsgd("test_resnet", size=32, steps=4),
                  lambda: bench_overhead(rounds=3, clients=3, epochs=1, image_size=32, num_images=600,
                                         model="test_convnext"),
                  lambda: bench_communication("convnext_tiny", clients=3)]
     else:
         items = [lambda: bench_data(ham_root, sizes=[64, 224], batches=30),
                  lambda: bench_augment(sizes=[64, 224], batches=30),
+                 lambda: bench_dpsgd("tf_efficientnet_lite0", size=64, steps=6),
                  lambda: bench_overhead(rounds=5, clients=3, epochs=2, image_size=64, num_images=1400,
                                         model="resnet18"),
                  lambda: bench_communication("convnext_large", clients=3, repeats=3)]

@@ -16,6 +16,7 @@ def test_quick_bench_writes_every_row(ham_root, tmp_path):
     assert "## fl-sim bench --quick" in text and "Device:" in text and "flwr 1.39" in text
     for row in ("| data: images/s at 64 px", "| FL overhead: steady round",
                 "| FL overhead: fixed cost per round", "| FL overhead: start-up",
+                "| DP-SGD: train images/s, test_resnet at 32 px",
                 "| communication: convnext_tiny", "| communication: pack",
                 "| communication: unpack", "| communication: aggregate 3 replies",
                 "| communication: simulation transport", "| communication: deployment wire",
@@ -33,6 +34,7 @@ def test_rows_measured_before_a_failing_item_are_kept(tmp_path, monkeypatch):
         raise RuntimeError("simulated crash in the FL-overhead item")
 
     monkeypatch.setattr(bench, "bench_overhead", crash)
+    monkeypatch.setattr(bench, "bench_dpsgd", lambda *a, **k: [])  # minutes on a CPU
     out = tmp_path / "BENCH.md"
     with pytest.raises(RuntimeError, match="simulated crash"):  # the failure still surfaces
         bench.run_bench(True, tmp_path / "no-ham", out, Console(quiet=True))
