@@ -207,8 +207,9 @@ def test_the_server_refuses_a_client_side_update_that_was_not_clipped(monkeypatc
     messages = list(strategy.configure_train(1, ArrayRecord(start.state_dict()), ConfigRecord(),
                                              grid))
     assert messages[0].content["config"]["clipping_norm"] == 0.1  # the clients are told
-    clipped = clip_update(start.state_dict(), bn_model(1).state_dict(),
-                          ConfigRecord({"clipping_norm": 0.1}))
+    clipped, was_clipped = clip_update(start.state_dict(), bn_model(1).state_dict(),
+                                       ConfigRecord({"clipping_norm": 0.1}))
+    assert was_clipped
     replies = _replies([start, start])
     replies[0].content["arrays"] = ArrayRecord(clipped)
     replies[1].content["arrays"] = ArrayRecord(bn_model(2).state_dict())  # not clipped
@@ -217,11 +218,48 @@ def test_the_server_refuses_a_client_side_update_that_was_not_clipped(monkeypatc
         strategy.aggregate_train(1, replies)
 
 
+def test_adaptive_clipping_is_accounted_and_moves_the_norm_toward_the_target(monkeypatch):
+    """Andrew et al.: too many clipped updates grow the norm, too few shrink it (Flower
+    1.39 has the sign the other way round); each released round costs one Gaussian
+    release of the run's noise multiplier."""
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    cfg = run_config(strategy={"name": "fedavg", "weighting": "uniform"}, privacy={
+        "client_level": {"noise_multiplier": 0.5, "clipping_norm": 1e-3,
+                         "adaptive": {"clipped_count_stddev": 1.0}}})
+    strategy = with_client_level_dp(build_strategy(StrategyConfig(name="fedavg",
+                                                                  weighting="uniform"), 3),
+                                    cfg.privacy, num_clients=3, sampled=3)
+    strategy._geometric_update(1.0)  # every update clipped, target 0.5: grow
+    assert strategy.clipping_norm == pytest.approx(1e-3 * np.exp(0.2 * 0.5))
+    strategy._geometric_update(0.0)
+    strategy._geometric_update(0.0)  # none clipped: shrink
+    assert strategy.clipping_norm < 1e-3
+    grid = type("Grid", (), {"get_node_ids": lambda self: [0, 1, 2]})()
+    list(strategy.configure_train(1, ArrayRecord(bn_model(0).state_dict()), ConfigRecord(), grid))
+    arrays, _ = strategy.aggregate_train(1, _replies([bn_model(i + 1) for i in range(3)]))
+    assert arrays["1.num_batches_tracked"].dtype == "int64"
+    alone = RDPAccountant()  # not Flower's, but the same RDP of one Gaussian release
+    alone.history = [(0.5, 1.0, 1)]
+    spent = strategy.privacy_spent()
+    assert spent.num_releases == 1
+    assert spent.epsilon == pytest.approx(alone.get_epsilon(1e-5), rel=0.05)
+    assert pickle.loads(pickle.dumps(strategy)).privacy_spent() == spent
+    with pytest.raises(Exception, match="privacy.client_level.adaptive"):  # default σ_b: 3/20
+        with_client_level_dp(build_strategy(StrategyConfig(name="fedavg", weighting="uniform"),
+                                            3), run_config(
+            strategy={"name": "fedavg", "weighting": "uniform"}, privacy={"client_level": {
+                "noise_multiplier": 1.0, "clipping_norm": 1.0, "adaptive": {}}}).privacy, 3, 3)
+
+
 def test_client_side_clipping_bounds_the_float_update_and_keeps_integers():
     received = bn_model(0).state_dict()
     trained = bn_model(1).state_dict()
     trained["1.num_batches_tracked"].fill_(9)
-    out = clip_update(received, trained, ConfigRecord({"clipping_norm": 0.1}))
+    out, was_clipped = clip_update(received, trained, ConfigRecord({"clipping_norm": 0.1}))
+    assert was_clipped and not clip_update(received, received, ConfigRecord(
+        {"clipping_norm": 0.1}))[1]
     norm = np.sqrt(sum(((out[k] - received[k]) ** 2).sum().item()
                        for k in out if out[k].is_floating_point()))
     assert norm == pytest.approx(0.1, rel=1e-5)
@@ -250,10 +288,11 @@ def test_dp_runs_write_epsilon_everywhere_and_a_target_stops_them(tmp_path):
 
     runs = _study(tmp_path, [
         {"privacy": [{"client_level": {"noise_multiplier": 2.0, "clipping_norm": 1.0,
-                                       "clipping": "client"}},
+                                       "clipping": "client",
+                                       "adaptive": {"clipped_count_stddev": 2.0}}},
                      {"sample_level": {"noise_multiplier": 1.5}, "target_epsilon": 4.0}]},
         {"strategy": [{"name": "pooled"}], "privacy": [DPSGD]}])
-    central = next(d for n, d in runs.items() if "cdpc" in n)
+    central = next(d for n, d in runs.items() if "cdpca" in n)
     stopped = next(d for n, d in runs.items() if "eps4" in n)
     pooled = next(d for n, d in runs.items() if n.startswith("pooled"))
 
@@ -261,6 +300,7 @@ def test_dp_runs_write_epsilon_everywhere_and_a_target_stops_them(tmp_path):
     assert summary["complete"] and summary["rounds_done"] == 3
     privacy = summary["privacy"]["client_level"]
     assert privacy["releases"] == 3 and privacy["clipping"] == "client"
+    assert privacy["clipping_norm_now"] != 1.0  # adapted from the clients' clipped count
     rows = [r for r in read_metrics(central) if r["scope"] == "privacy"]
     assert [r["round"] for r in rows] == [1, 2, 3]  # rising, and the last is the summary's
     assert rows[0]["epsilon"] < rows[1]["epsilon"] < rows[2]["epsilon"] == privacy["epsilon"]

@@ -23,7 +23,7 @@ from fl_sim.data_partition import FederatedData
 from fl_sim.errors import FlSimError
 from fl_sim.evaluation import evaluate_splits
 from fl_sim.models.finetune import load_weights, travelling_state
-from fl_sim.privacy.central import clip_update, wants_clipping
+from fl_sim.privacy.central import NORM_BIT, clip_update, wants_clipping
 from fl_sim.task import client_rng, device, load_data, load_model, model_frozen_digest
 
 app = ClientApp()
@@ -146,7 +146,9 @@ def train(msg: Message, context: Context) -> Message:
         fedbn.keep_own(model, context.state, str(config["run-config"]))
     trained = travelling_state(model)  # the trainable part only, under finetune
     if wants_clipping(config):  # client-level DP, clipped here (privacy.client_level.clipping)
-        trained = clip_update(to_state_dict(msg.content["arrays"]), trained, config)
+        trained, was_clipped = clip_update(to_state_dict(msg.content["arrays"]), trained, config)
+        if run_cfg.privacy.client_level.adaptive:  # the count that moves the norm
+            result[NORM_BIT] = float(was_clipped)
     # SCAFFOLD's Δc_i beside the weights.
     arrays = ArrayRecord(OrderedDict([*trained.items(), *(
         control.finish(model, result["steps"], lr).items() if control else ())]))

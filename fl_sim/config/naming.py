@@ -55,14 +55,15 @@ def run_labels(cfg: RunConfig) -> dict[str, str]:
 
 def privacy_tag(cfg: RunConfig) -> str:
     """e.g. `cdp-z1-c0.5` (client-level: noise multiplier, clipping norm; `cdpc` where the
-    clients clip), `dpsgd-z1.1-c1`, both joined, then `-eps8` for a target ε and `-d1e-06`
-    for another δ than 1e-5; '' without privacy."""
+    clients clip, `cdpa` / `cdpca` with an adaptive norm starting there), `dpsgd-z1.1-c1`,
+    both joined, then `-eps8` for a target ε and `-d1e-06` for another δ than 1e-5; ''
+    without privacy."""
     privacy = cfg.privacy
     if privacy is None:
         return ""
     parts = []
     if (dp := privacy.client_level) is not None:
-        kind = "cdp" if dp.clipping == "server" else "cdpc"
+        kind = ("cdp" if dp.clipping == "server" else "cdpc") + ("a" if dp.adaptive else "")
         parts.append(f"{kind}-z{dp.noise_multiplier:g}-c{dp.clipping_norm:g}")
     if (sgd := privacy.sample_level) is not None:
         parts.append(f"dpsgd-z{sgd.noise_multiplier:g}-c{sgd.max_grad_norm:g}")

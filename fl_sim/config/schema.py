@@ -260,18 +260,32 @@ class PersonalizeConfig(Strict):
     fine_tune_epochs: int = Field(1, ge=1, le=1000)
 
 
+class AdaptiveClippingConfig(Strict):
+    """The clipping norm follows a quantile of the clients' update norms (Andrew et al.,
+    2021): after each round C <- C x exp(lr x (clipped fraction - target_quantile)), the
+    fraction counted with Gaussian noise; `clipping_norm` is where C starts."""
+
+    target_quantile: float = Field(0.5, gt=0, lt=1, description="fraction of updates to clip")
+    clip_norm_lr: float = Field(0.2, gt=0)
+    clipped_count_stddev: float | None = Field(
+        None, gt=0, description="noise of the clipped count (default: sampled clients / 20)")
+
+
 class ClientLevelDPConfig(Strict):
-    """Client-level central DP through Flower's fixed-clipping wrappers: each sampled
-    client's update (its trained arrays minus the round's global ones) is clipped to
-    `clipping_norm` in L2 over all its floating-point arrays, and the server adds Gaussian
-    noise of standard deviation noise_multiplier x clipping_norm / sampled clients to their
-    plain mean. Flower's accountant (RDP, no amplification by sampling) books every round."""
+    """Client-level central DP through Flower's clipping wrappers: each sampled client's
+    update (its trained arrays minus the round's global ones) is clipped to `clipping_norm`
+    in L2 over all its floating-point arrays, and the server adds Gaussian noise of standard
+    deviation noise_multiplier x clipping_norm / sampled clients to their plain mean. An
+    RDP accountant (Flower's, no amplification by sampling) books every round."""
 
     noise_multiplier: float = Field(..., gt=0)
-    clipping_norm: float = Field(..., gt=0, description="L2 bound of one client's update")
+    clipping_norm: float = Field(..., gt=0, description="L2 bound of one client's update "
+                                                        "(the initial one, if adaptive)")
     clipping: Literal["server", "client"] = Field(
-        "server", description="who clips: the server (DifferentialPrivacyServerSideFixedClipping) "
-                              "or each client before it replies (...ClientSideFixedClipping)")
+        "server", description="who clips: the server (DifferentialPrivacyServerSide*Clipping) "
+                              "or each client before it replies (...ClientSide*Clipping)")
+    adaptive: AdaptiveClippingConfig | None = Field(
+        None, description="adapt the clipping norm (...AdaptiveClipping); null: fixed")
 
 
 class SampleLevelDPConfig(Strict):

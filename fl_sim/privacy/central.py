@@ -1,4 +1,5 @@
-"""Client-level central DP: Flower 1.39's fixed-clipping wrappers with their accountant.
+"""Client-level central DP: Flower 1.39's clipping wrappers (fixed and adaptive) with an
+RDP accountant.
 
 Flower's wrappers clip a client's update (its arrays minus the round's global ones) over
 every array of the reply, and add noise to every array of the mean. A model's integer
@@ -12,6 +13,7 @@ own `state_dict` and rebuild it on load.
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 
@@ -20,8 +22,10 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp import strategy as fl
-from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, compute_clip_model_update
-from flwr.supercore.privacy_accounting import NeighboringRelation, SamplingMethod
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, KEY_NORM_BIT
+from flwr.supercore.privacy_accounting import (
+    GaussianPrivacyEvent, NeighboringRelation, PrivacySpent, SamplingMethod,
+)
 from flwr.supercore.privacy_accounting import PrivacyConfig as AccountingConfig
 from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
@@ -41,15 +45,17 @@ def floats_only(arrays: ArrayRecord) -> ArrayRecord:
 
 
 class _FloatArraysAccounted:
-    """Mixed in before a Flower fixed-clipping wrapper: it sees floating-point arrays only,
-    the integer ones come back from the round's global arrays; its accountant pickles."""
+    """Mixed in before a Flower clipping wrapper: it sees floating-point arrays only, the
+    integer ones come back from the round's global arrays; its accountant pickles."""
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         # Clients get every array (their model loads whole); the mean gets the floats.
         self._integers = OrderedDict((k, v) for k, v in arrays.items() if not is_float(v))
-        self._sent = floats_only(arrays)  # what a reply's update is measured from
-        return super().configure_train(server_round, arrays, config, grid)
+        self._sent = floats_only(arrays)
+        messages = super().configure_train(server_round, arrays, config, grid)
+        self.current_arrays = self._sent  # what the server-side wrappers clip updates from
+        return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -67,7 +73,7 @@ class _FloatArraysAccounted:
         return ArrayRecord(OrderedDict([*mean.items(), *self._integers.items()])), metrics
 
     def __getstate__(self) -> dict:
-        # A round's arrays (current_arrays, _integers) come anew with each configure_train.
+        # A round's arrays come anew with each configure_train.
         state = {k: v for k, v in self.__dict__.items()
                  if k not in ("current_arrays", "_integers", "_sent")}
         state["accountant"] = (self.accountant.config, self.accountant.state_dict())
@@ -80,20 +86,10 @@ class _FloatArraysAccounted:
         self.accountant.load_state_dict(ledger)
 
 
-class ServerSideClipping(_FloatArraysAccounted, fl.DifferentialPrivacyServerSideFixedClipping):
-    """Flower's server-side fixed clipping, on the floating-point arrays (see the module)."""
-
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> Iterable[Message]:
-        messages = super().configure_train(server_round, arrays, config, grid)
-        self.current_arrays = self._sent  # Flower clips each reply's update from these
-        return messages
-
-
-class ClientSideClipping(_FloatArraysAccounted, fl.DifferentialPrivacyClientSideFixedClipping):
-    """Flower's client-side fixed clipping (the clients clip: `clip_update`), on the
-    floating-point arrays (see the module). A reply whose update is longer than the
-    clipping norm (a client that did not clip) stops the run: the noise would not cover it."""
+class _ClientClipped:
+    """Mixed in where the clients clip: a reply whose update is longer than the round's
+    clipping norm (a client that did not clip) stops the run, as the noise would not
+    cover it."""
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -105,10 +101,61 @@ class ClientSideClipping(_FloatArraysAccounted, fl.DifferentialPrivacyClientSide
                     client = reply.content["metrics"].get("partition-id", "?")
                     raise FlSimError(
                         f"round {server_round}: client {client}'s update has L2 norm "
-                        f"{norm:.4g}, above privacy.client_level.clipping_norm "
-                        f"{self.clipping_norm:g}: it did not clip (is its fl-sim older?). "
-                        "The rounds finished before are kept.")
+                        f"{norm:.4g}, above the round's clipping norm {self.clipping_norm:.4g}: "
+                        "it did not clip (is its fl-sim older?). The rounds finished before "
+                        "are kept.")
         return super().aggregate_train(server_round, replies)
+
+
+class _AdaptiveAccounted:
+    """Mixed in before Flower's adaptive-clipping wrappers, which carry no accountant: every
+    round that releases a mean composes one Gaussian release of the run's noise multiplier
+    (Flower splits it between the update and the clipped count so that together they cost
+    that much: Andrew et al. 2021, Theorem 1). And the norm moves toward the target
+    quantile: Flower 1.39 multiplies it by exp(-lr x (clipped fraction - target)), so a
+    round with too many clipped updates shrinks it further; Andrew et al.'s rule (their
+    fraction counts the unclipped ones) grows it."""
+
+    release_noise: float  # the run's noise_multiplier, set by with_client_level_dp
+    accountant: RdpAccountant
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        mean, metrics = super().aggregate_train(server_round, replies)
+        if mean is not None:
+            self.accountant.compose(GaussianPrivacyEvent(
+                noise_multiplier=self.release_noise, sample_size=self.num_sampled_clients,
+                population_size=self.accountant.config.population_size))
+        return mean, metrics
+
+    def privacy_spent(self) -> PrivacySpent:
+        return self.accountant.get_privacy_spent()
+
+    def _geometric_update(self, clipped_fraction: float) -> None:
+        self.clipping_norm *= math.exp(
+            self.clip_norm_lr * (clipped_fraction - self.target_clipped_quantile))
+
+
+class ServerSideClipping(_FloatArraysAccounted, fl.DifferentialPrivacyServerSideFixedClipping):
+    """Flower's server-side fixed clipping, on the floating-point arrays (see the module)."""
+
+
+class ClientSideClipping(_FloatArraysAccounted, _ClientClipped,
+                         fl.DifferentialPrivacyClientSideFixedClipping):
+    """Flower's client-side fixed clipping (the clients clip: `clip_update`), on the
+    floating-point arrays (see the module)."""
+
+
+class AdaptiveServerSideClipping(_FloatArraysAccounted, _AdaptiveAccounted,
+                                 fl.DifferentialPrivacyServerSideAdaptiveClipping):
+    """Flower's server-side adaptive clipping, accounted, its norm update the paper's."""
+
+
+class AdaptiveClientSideClipping(_FloatArraysAccounted, _ClientClipped, _AdaptiveAccounted,
+                                 fl.DifferentialPrivacyClientSideAdaptiveClipping):
+    """Flower's client-side adaptive clipping (the clients clip and say whether they did:
+    `clip_update`), accounted, its norm update the paper's."""
 
 
 def update_norm(sent: ArrayRecord, trained: ArrayRecord) -> float:
@@ -120,34 +167,51 @@ def update_norm(sent: ArrayRecord, trained: ArrayRecord) -> float:
 
 def with_client_level_dp(strategy: fl.FedAvg, privacy: PrivacyConfig, num_clients: int,
                          sampled: int) -> fl.Strategy:
-    """`strategy` inside Flower's fixed-clipping wrapper, with an accountant over
-    `num_clients` that refuses a round past `privacy.target_epsilon`."""
+    """`strategy` inside Flower's clipping wrapper of `privacy.client_level`, with an
+    accountant over `num_clients` that refuses a round past `privacy.target_epsilon`."""
     dp = privacy.client_level
     accountant = RdpAccountant(AccountingConfig(
         target_delta=privacy.delta, population_size=num_clients,
-        # Flower's wrappers account without amplification: fl-sim samples a fixed number
-        # of clients, not Poisson, and the sample is not secret from the server.
+        # No amplification: fl-sim samples a fixed number of clients, not Poisson, and the
+        # sample is not secret from the server.
         neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
         sampling_method=SamplingMethod.NO_AMPLIFICATION,
         max_epsilon=privacy.target_epsilon))
-    wrapper = ServerSideClipping if dp.clipping == "server" else ClientSideClipping
-    return wrapper(strategy, dp.noise_multiplier, dp.clipping_norm, sampled,
-                   accountant=accountant)
+    if dp.adaptive is None:
+        wrapper = ServerSideClipping if dp.clipping == "server" else ClientSideClipping
+        return wrapper(strategy, dp.noise_multiplier, dp.clipping_norm, sampled,
+                       accountant=accountant)
+    adaptive = (AdaptiveServerSideClipping if dp.clipping == "server"
+                else AdaptiveClientSideClipping)
+    try:
+        wrapped = adaptive(strategy, dp.noise_multiplier, sampled,
+                           initial_clipping_norm=dp.clipping_norm,
+                           target_clipped_quantile=dp.adaptive.target_quantile,
+                           clip_norm_lr=dp.adaptive.clip_norm_lr,
+                           clipped_count_stddev=dp.adaptive.clipped_count_stddev)
+    except ValueError as err:  # the count's noise cannot carry that noise multiplier
+        raise FlSimError(f"privacy.client_level.adaptive: {err}") from None
+    wrapped.accountant, wrapped.release_noise = accountant, dp.noise_multiplier
+    return wrapped
 
 
 def clip_update(received: Mapping[str, torch.Tensor], trained: OrderedDict[str, torch.Tensor],
-                config: ConfigRecord) -> OrderedDict[str, torch.Tensor]:
+                config: ConfigRecord) -> tuple[OrderedDict[str, torch.Tensor], bool]:
     """A client's part of client-side clipping: `trained` with its floating-point update
-    since `received` clipped to the server's `clipping_norm` in L2 (Flower's
-    compute_clip_model_update, as its `fixedclipping_mod` does; the mod itself would see
-    the packed wire form of a deployed run)."""
+    since `received` scaled down to the server's `clipping_norm` in L2 where longer, and
+    whether it was (the FlatClip of Flower's clipping mods; the mods themselves would see
+    the packed wire form of a deployed run, and divide by a zero update's norm)."""
     keys = [k for k, v in trained.items() if v.is_floating_point()]
-    after = [trained[k].detach().cpu().numpy().copy() for k in keys]
-    compute_clip_model_update(after, [received[k].numpy() for k in keys],
-                              float(config[KEY_CLIPPING_NORM]))
-    clipped = dict(zip(keys, after))
-    return OrderedDict((k, torch.from_numpy(clipped[k]) if k in clipped else v)
-                       for k, v in trained.items())
+    update = {k: trained[k].detach().cpu().double() - received[k].double() for k in keys}
+    norm = float(torch.sqrt(sum((u ** 2).sum() for u in update.values())))
+    limit = float(config[KEY_CLIPPING_NORM])
+    if norm <= limit:
+        return trained, False
+    return OrderedDict((k, (received[k].double() + update[k] * (limit / norm)).to(v.dtype)
+                        if k in update else v) for k, v in trained.items()), True
+
+
+NORM_BIT = KEY_NORM_BIT  # a client's reply metric under adaptive client-side clipping
 
 
 def wants_clipping(config: ConfigRecord) -> bool:

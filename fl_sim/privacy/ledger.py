@@ -115,6 +115,8 @@ class PrivacyLedger:
             out["client_level"] = {**spent["client_level"], **dp.model_dump(),
                                    "sampled_clients": strategy.num_sampled_clients,
                                    "accountant": ACCOUNTING}
+            if dp.adaptive is not None:  # where the adaptive norm has got to
+                out["client_level"]["clipping_norm_now"] = strategy.clipping_norm
         if (dp := self.privacy.sample_level) is not None:
             out["sample_level"] = {**spent["sample_level"], **dp.model_dump(),
                                    "booked": copy.deepcopy(self.booked),
