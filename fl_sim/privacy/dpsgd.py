@@ -95,6 +95,10 @@ def prepare_for_dpsgd(model: nn.Module, input_size: int) -> nn.Module:
     return model
 
 
+def _device(model: nn.Module) -> torch.device:
+    return next(p.device for p in model.parameters() if p.requires_grad)
+
+
 @contextmanager
 def private_training(model: nn.Module, optimizer: torch.optim.Optimizer,
                      dp: SampleLevelDPConfig, n: int, batch_size: int
@@ -109,7 +113,8 @@ def private_training(model: nn.Module, optimizer: torch.optim.Optimizer,
     private = DPOptimizer(optimizer, noise_multiplier=dp.noise_multiplier,
                           max_grad_norm=dp.max_grad_norm,
                           expected_batch_size=max(1, round(n * sample_rate(n, batch_size))),
-                          generator=torch.Generator().manual_seed(secrets.randbits(63)))
+                          generator=torch.Generator(device=_device(model)).manual_seed(
+                              secrets.randbits(63)))  # on the noise's device
     try:
         yield forward, private
     finally:
