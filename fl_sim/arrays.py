@@ -20,6 +20,11 @@ from flwr.app import Array, ArrayRecord, RecordDict
 from flwr.serverapp.strategy import fedavg
 
 
+def is_float(array: Array | np.ndarray) -> bool:
+    """Whether an Array (or ndarray) holds floating-point numbers, not integer counters."""
+    return np.issubdtype(np.dtype(array.dtype), np.floating)
+
+
 def array_view(array: Array) -> np.ndarray:
     """A read-only ndarray over the Array's bytes (no copy)."""
     stream = io.BytesIO(array.data[:1024])  # the .npy header is far shorter

@@ -16,6 +16,8 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord
 from flwr.serverapp import strategy as fl
 
+from fl_sim.arrays import is_float
+
 
 class ParametersOnly:
     """Mixed in before a Flower FedOpt strategy: its step for `trainable` arrays only (all
@@ -37,8 +39,7 @@ class ParametersOnly:
             for key, array in mean.items()}), metrics
 
     def _steps(self, key: str, array: Array) -> bool:
-        floating = np.issubdtype(np.dtype(array.dtype), np.floating)
-        return floating and (self.trainable is None or key in self.trainable)
+        return is_float(array) and (self.trainable is None or key in self.trainable)
 
 
 class FedAdam(ParametersOnly, fl.FedAdam):

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 from flwr.serverapp import strategy as fl
 
+from fl_sim.arrays import is_float
 from fl_sim.errors import FlSimError
 
 
@@ -19,8 +19,7 @@ class QFedAvg(fl.QFedAvg):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        integer = [k for k, a in arrays.items()
-                   if not np.issubdtype(np.dtype(a.dtype), np.floating)]
+        integer = [k for k, a in arrays.items() if not is_float(a)]
         if integer:
             raise FlSimError(
                 f"qfedavg cannot aggregate integer arrays ({', '.join(integer[:3])}"
