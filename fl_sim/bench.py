@@ -220,7 +220,6 @@ def plain_loop(study: StudyConfig) -> float:
     same functions; no Flower, no Ray, no messages. Returns seconds per round."""
     run = expand_grid(study)[0].config
     data = prepare_data(study.data, progress=False)
-    k = len(data.classes)
     model, preprocess = build_model(run, data.class_names, data.images.shape[1])
     start = time.perf_counter()
     for r in range(1, run.rounds + 1):
@@ -230,9 +229,9 @@ def plain_loop(study: StudyConfig) -> float:
         for c in range(data.num_clients):
             for split in ("val", "test"):
                 evaluate(model, data.images, data.labels, data.indices(c, split), preprocess,
-                         run.eval_batch_size, k)
+                         run.eval_batch_size, data.classes)
         evaluate(model, data.images, data.labels, data.indices("global", "test"), preprocess,
-                 run.eval_batch_size, k)
+                 run.eval_batch_size, data.classes)
     return (time.perf_counter() - start) / run.rounds
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -21,19 +23,20 @@ def predict(
     preprocess: BatchPreprocessor,
     batch_size: int,
 ) -> tuple[np.ndarray, float]:
-    """Predicted classes of images[indices] and the mean cross-entropy loss."""
+    """Predicted class probabilities of images[indices] (float32, one row per image) and the
+    mean cross-entropy loss."""
     model.eval()
     device = preprocess.device
-    preds, total_loss = [], torch.zeros((), device=device)  # on the device: one sync, at the end
+    probs, total_loss = [], torch.zeros((), device=device)  # on the device: one sync, at the end
     for start in range(0, len(indices), batch_size):
         idx = indices[start:start + batch_size]
         with autocast(device):
             logits = model(preprocess(images[idx])).float()
         y = torch.from_numpy(labels[idx]).to(device)
         total_loss += F.cross_entropy(logits, y, reduction="sum")
-        preds.append(logits.argmax(1))
-    y_pred = torch.cat(preds).cpu().numpy() if preds else np.empty(0, dtype=np.int64)
-    return y_pred, total_loss.item() / max(len(indices), 1)
+        probs.append(logits.softmax(1))
+    out = torch.cat(probs).cpu().numpy() if probs else np.empty((0, 0), dtype=np.float32)
+    return out, total_loss.item() / max(len(indices), 1)
 
 
 def evaluate(
@@ -43,11 +46,19 @@ def evaluate(
     indices: np.ndarray,
     preprocess: BatchPreprocessor,
     batch_size: int,
-    num_classes: int,
+    classes: Sequence[str],
 ) -> dict[str, float]:
     """Metrics of `model` on images[indices] (see fl_sim.metrics), with the mean CE loss."""
-    y_pred, loss = predict(model, images, labels, indices, preprocess, batch_size)
-    return classification_metrics(labels[indices], y_pred, num_classes, loss=loss)
+    probs, loss = predict(model, images, labels, indices, preprocess, batch_size)
+    return metrics_of(labels[indices], probs, classes, loss)
+
+
+def metrics_of(y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str],
+               loss: float) -> dict[str, float]:
+    """classification_metrics of the arg-max decisions, with the clinical metrics of `probs`."""
+    probs = probs.reshape(len(probs), len(classes))  # an empty split's (0, 0): (0, C)
+    return classification_metrics(y_true, probs.argmax(1), len(classes), loss=loss,
+                                  probs=probs, classes=classes)
 
 
 def evaluate_splits(model: nn.Module, data: FederatedData, partition: int,
@@ -56,7 +67,7 @@ def evaluate_splits(model: nn.Module, data: FederatedData, partition: int,
     metrics = {}
     for split in ("val", "test"):
         result = evaluate(model, data.images, data.labels, data.indices(partition, split),
-                          preprocess, batch_size, len(data.classes))
+                          preprocess, batch_size, data.classes)
         metrics.update({f"{split}_{k}": v for k, v in result.items()})
     return metrics
 

@@ -23,7 +23,7 @@ from torch import nn
 from fl_sim.arrays import to_state_dict
 from fl_sim.client.train import train_local
 from fl_sim.client.train_split import client_synthesis, synthesis_report, train_split
-from fl_sim.evaluation import evaluate, evaluate_splits
+from fl_sim.evaluation import evaluate_splits, metrics_of
 from fl_sim.privacy.ledger import trainer_key
 from fl_sim.server.loop import FederatedRun, PhaseTimer, RunState, train_row
 from fl_sim.server.run_log import RunLog
@@ -140,13 +140,15 @@ class LocalRun(BaselineRun):
         return evaluations
 
     def _global_eval(self, server_round: int, arrays: ArrayRecord, log: RunLog) -> dict:
-        rows = []
+        rows, probs = [], []
+        y_true = self.data.labels[self.data.indices("global", "test")]
         for c in self.clients:
             self._load(arrays, c)
-            rows.append(evaluate(self.model, self.data.images, self.data.labels,
-                                 self.data.indices("global", "test"), self.preprocess,
-                                 self.cfg.eval_batch_size, len(self.data.classes)))
+            client_probs, loss = self._predict_global()
+            probs.append(client_probs)
+            rows.append(metrics_of(y_true, client_probs, self.data.classes, loss))
             log.row(server_round, "client", c, "global_test", rows[-1])
+        self._keep_predictions(server_round, probs)
         # The same test set for every model: an unweighted mean over the clients.
         mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k != "n"}
         mean["n"] = rows[0]["n"]

@@ -32,8 +32,8 @@ from fl_sim.client.train import optimizer_kwargs
 from fl_sim.client.train_split import synthesis_classes
 from fl_sim.config import Run, RunConfig, StudyConfig, proximal_mu
 from fl_sim.errors import FlSimError
-from fl_sim.evaluation import predict
-from fl_sim.metrics import HEADLINE, classification_metrics
+from fl_sim.evaluation import metrics_of, predict
+from fl_sim.metrics import HEADLINE
 from fl_sim.models.finetune import frozen_digest, load_weights, travelling_state
 from fl_sim.privacy.central import with_client_level_dp
 from fl_sim.privacy.ledger import PrivacyLedger, trainer_key
@@ -41,6 +41,7 @@ from fl_sim.server.failures import (
     WRITE_ERRORS, RunFailed, check_finite, failed_before, finite_or_null,
     not_resumed, rounds_kept, stop_if_requested, stop_requested,
 )
+from fl_sim.server.predictions import clear_predictions, save_predictions
 from fl_sim.server.run_log import RunLog, json_line, read_metrics, write_json_atomic
 from fl_sim.server.schedule import LRSchedule
 from fl_sim.strategies import build_strategy
@@ -338,6 +339,7 @@ class FederatedRun:
         for stale in (*self.run_dir.glob("events.out.tfevents.*"), folder / "best.pt",
                       self.run_dir / "summary.json"):
             stale.unlink(missing_ok=True)
+        clear_predictions(self.run_dir)
         folder.mkdir(parents=True, exist_ok=True)
         config = self.run_dir / "config.yaml"
         with RunLog.writing(config):
@@ -432,15 +434,27 @@ class FederatedRun:
 
     def _global_eval(self, server_round: int, arrays: ArrayRecord, log: RunLog) -> dict:
         load_weights(self.model, to_state_dict(arrays))
-        rows = self.data.indices("global", "test")
-        y_pred, loss = predict(self.model, self.data.images, self.data.labels, rows,
-                               self.preprocess, self.cfg.eval_batch_size)
-        y_true = self.data.labels[rows]
-        metrics = classification_metrics(y_true, y_pred, self.num_classes, loss=loss)
+        probs, loss = self._predict_global()
+        y_true = self.data.labels[self.data.indices("global", "test")]
+        metrics = metrics_of(y_true, probs, self.data.classes, loss)
         log.row(server_round, "global", None, "test", metrics)
-        cm = confusion_matrix(y_true, y_pred, labels=np.arange(self.num_classes))
+        cm = confusion_matrix(y_true, probs.argmax(1), labels=np.arange(self.num_classes))
         log.confusion("global/test/confusion", cm, self.data.classes, server_round)
+        self._keep_predictions(server_round, [probs])
         return metrics
+
+    def _predict_global(self) -> tuple[np.ndarray, float]:
+        """The loaded model's probabilities on the global test set, and its mean loss."""
+        return predict(self.model, self.data.images, self.data.labels,
+                       self.data.indices("global", "test"), self.preprocess,
+                       self.cfg.eval_batch_size)
+
+    def _keep_predictions(self, server_round: int, probs: list[np.ndarray]) -> None:
+        """The round's per-image predictions on the global test set (one array per model)."""
+        rows = self.data.indices("global", "test")
+        save_predictions(self.run_dir, server_round,
+                         self.data.manifest["image_id"].to_numpy()[rows], self.data.labels[rows],
+                         probs)
 
     def _exchange(self, messages: list[Message], grid: Grid, kind: str,
                   server_round: int, state: RunState) -> list[Message]:
