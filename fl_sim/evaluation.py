@@ -11,6 +11,7 @@ from torch import nn
 
 from fl_sim.data_partition import FederatedData
 from fl_sim.metrics import classification_metrics
+from fl_sim.stats import split_intervals
 from fl_sim.transforms import BatchPreprocessor
 
 
@@ -63,11 +64,16 @@ def metrics_of(y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str],
 
 def evaluate_splits(model: nn.Module, data: FederatedData, partition: int,
                     preprocess: BatchPreprocessor, batch_size: int) -> dict[str, float]:
-    """`evaluate` on a client's val and test splits, keys prefixed (`val_acc`, `test_n`, ...)."""
+    """`evaluate` on a client's val and test splits, keys prefixed (`val_acc`, `test_n`, ...),
+    with the bootstrap intervals of the test split's metrics (`test_bacc_lo`, `test_bacc_hi`,
+    ...): what the report needs of a split whose predictions never leave the client."""
     metrics = {}
     for split in ("val", "test"):
-        result = evaluate(model, data.images, data.labels, data.indices(partition, split),
-                          preprocess, batch_size, data.classes)
+        rows = data.indices(partition, split)
+        probs, loss = predict(model, data.images, data.labels, rows, preprocess, batch_size)
+        result = metrics_of(data.labels[rows], probs, data.classes, loss)
+        if split == "test":
+            result.update(split_intervals(data.labels[rows], probs))
         metrics.update({f"{split}_{k}": v for k, v in result.items()})
     return metrics
 

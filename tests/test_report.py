@@ -16,6 +16,7 @@ from fl_sim.errors import FlSimError
 from fl_sim.report import load_study, seed_table, write_report
 from fl_sim.report.markdown import baselines_section, winner_line
 from fl_sim.report.tables import METRIC_NAMES, versus_pooled, winners
+from fl_sim.report.uncertainty import Bootstrap
 
 HEADLINE = ("acc", "bacc", "precision", "recall", "f1")
 METRICS = (*HEADLINE, "avg")
@@ -289,7 +290,7 @@ def test_recipes_are_never_compared_across(tmp_path: Path):
         write_run(study, BASELINES[0], "tiny0", seed, offset=0.07, **wce)
     loaded = load_study(study)
     versus = versus_pooled(seed_table(loaded.at_best()), loaded.runs)
-    text = "\n\n".join(baselines_section(loaded, versus))
+    text = "\n\n".join(baselines_section(loaded, versus, Bootstrap(loaded)))
     recipe = ' [wce]'
     assert text.count("\n### ") == 1
     header, rows = md_table(text, f"### tiny0 · sgd{recipe}")

@@ -16,6 +16,7 @@ from fl_sim.report.personalization import personalization_section
 from fl_sim.report.privacy import privacy_section
 from fl_sim.report.probes import probes_section
 from fl_sim.report.tables import seed_table, versus_pooled
+from fl_sim.report.uncertainty import Bootstrap, with_intervals
 
 __all__ = ["Study", "load_study", "seed_table", "write_report"]
 
@@ -28,11 +29,13 @@ def write_report(study_dir: Path) -> Path:
     # An earlier report's figures may show configurations that are gone now.
     for old in out.glob("*.png"):
         old.unlink()
-    table = seed_table(study.at_best())
+    boot = Bootstrap(study)
+    table = with_intervals(seed_table(study.at_best()), boot)
     table.to_csv(out / "test_metrics.csv", index=False)
     versus = versus_pooled(table, study.runs)
-    figures = write_figures(study.rows, table, versus, out)
+    figures = write_figures(study.rows, table, versus, boot, out)
     extra = [*personalization_section(study), *privacy_section(study, out),
              *probes_section(study)]
-    (out / "report.md").write_text(render(study, table, versus, figures, extra), encoding="utf-8")
+    (out / "report.md").write_text(render(study, table, versus, boot, figures, extra),
+                                   encoding="utf-8")
     return out / "report.md"

@@ -27,6 +27,7 @@ from fl_sim.metrics import HEADLINE
 from fl_sim.server.run_log import read_metrics
 
 METRICS = (*HEADLINE, "avg")
+CLINICAL = ("auroc", "mel_sens", "mel_spec", "ece")  # absent in runs made before fl-sim had them
 LABELS = ("strategy", "model", "optimizer")
 RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json")
 REPORT_DIR = "report"

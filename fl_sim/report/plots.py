@@ -15,10 +15,12 @@ from matplotlib import colormaps
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from fl_sim.report.collect import METRICS
+from fl_sim.report.collect import LABELS, METRICS
 from fl_sim.report.tables import METRIC_NAMES, compared_groups, group_name
+from fl_sim.report.uncertainty import Bootstrap, configuration
 
-AT_BEST = "mean ± std over seeds, at each run's best-on-validation round"
+AT_BEST = ("mean over seeds at each run's best-on-validation round; error bars: the 95 % "
+           "interval, or ± std where a run kept no predictions")
 
 
 def colors(names: list[str]) -> dict[str, tuple]:
@@ -40,15 +42,24 @@ def _save(fig: Figure, path: Path) -> Path:
     return path
 
 
-def _grouped_bars(ax: Axes, mean: pd.DataFrame, std: pd.DataFrame, palette: dict[str, tuple],
-                  ylim: tuple[float, float] | None = (0, 1)) -> None:
-    """One group of bars per row of `mean`, one bar per column, std as error bars; ylim None
-    fits the axis to the bars (gaps can be negative)."""
+def error_bars(rows: pd.DataFrame, metric: str) -> tuple[pd.Series, pd.Series]:
+    """How far the error bar of each seed_table row reaches below and above its mean: to
+    the 95 % interval where the row has one, else ± std (0 for a single seed)."""
+    mean, std = rows[f"{metric}_mean"], rows[f"{metric}_std"].fillna(0)
+    below = (mean - rows[f"{metric}_lo"]).fillna(std)
+    return below, (rows[f"{metric}_hi"] - mean).fillna(std)
+
+
+def _grouped_bars(ax: Axes, mean: pd.DataFrame, below: pd.DataFrame, above: pd.DataFrame,
+                  palette: dict[str, tuple], ylim: tuple[float, float] | None = (0, 1)) -> None:
+    """One group of bars per row of `mean`, one bar per column, error bars reaching `below`
+    and `above` it; ylim None fits the axis to the bars (gaps can be negative)."""
     x = np.arange(len(mean.index))
     width = 0.8 / len(mean.columns)
     for i, col in enumerate(mean.columns):
         offset = (i - (len(mean.columns) - 1) / 2) * width
-        ax.bar(x + offset, mean[col], width, yerr=std[col].fillna(0), capsize=2,
+        ax.bar(x + offset, mean[col], width,
+               yerr=np.vstack([below[col].fillna(0), above[col].fillna(0)]), capsize=2,
                label=str(col), color=palette[col])
     ax.set_xticks(x, [str(i) for i in mean.index])
     if ylim is not None:
@@ -68,8 +79,10 @@ def spider_plot(table: pd.DataFrame, strategy: str, optimizer: str, path: Path) 
     if len(rows) < 3:
         fig = Figure(figsize=(8, 5.5), layout="constrained")
         ax = fig.add_subplot()
-        stds = rows[[f"{m}_std" for m in METRICS]].set_axis(names, axis=1)
-        _grouped_bars(ax, means, stds, METRIC_COLORS)
+        below, above = (pd.DataFrame({n: bars[i] for n, bars in
+                                      zip(names, (error_bars(rows, m) for m in METRICS))})
+                        for i in (0, 1))
+        _grouped_bars(ax, means, below, above, METRIC_COLORS)
         ax.set_xlabel("backbone")
         ax.set_ylabel("score")
         fig.legend(title="metric", loc="outside lower center", ncols=len(names))
@@ -96,20 +109,26 @@ def spider_plot(table: pd.DataFrame, strategy: str, optimizer: str, path: Path) 
 
 
 def convergence_plot(rows: pd.DataFrame, model: str, optimizer: str,
-                     palette: dict[str, tuple], path: Path) -> Path:
-    """Global test metrics per round of one model × optimizer, the strategies overlaid."""
+                     palette: dict[str, tuple], boot: Bootstrap, path: Path) -> Path:
+    """Global test metrics per round of one model × optimizer, the strategies overlaid; the
+    band is each round's 95 % interval of the mean over seeds (± std for a strategy whose
+    runs kept no predictions)."""
     rows = rows[(rows["scope"] == "global") & (rows["model"] == model)
                 & (rows["optimizer"] == optimizer)]
-    stats = rows.groupby(["strategy", "round"])[list(METRICS)].agg(["mean", "std"])
+    stats = rows.groupby([*LABELS, "round"])[list(METRICS)].agg(["mean", "std"])
     fig = Figure(figsize=(13, 7.5), layout="constrained")
     axes = fig.subplots(2, 3, sharex=True).ravel()
+    for config, curves in stats.groupby(level=list(range(len(LABELS)))):
+        r = curves.index.get_level_values("round")
+        found = [boot.intervals(config, int(k), auroc=False) for k in r]
+        for ax, metric in zip(axes, METRICS):
+            mean, std = curves[(metric, "mean")], curves[(metric, "std")].fillna(0)
+            lo, hi = ((mean - std, mean + std) if any(f is None for f in found) else
+                      ([f[metric][0] for f in found], [f[metric][1] for f in found]))
+            color = palette[config[0]]
+            ax.plot(r, mean, marker=".", color=color, label=config[0])
+            ax.fill_between(r, lo, hi, color=color, alpha=0.15)
     for ax, metric in zip(axes, METRICS):
-        for strategy, curve in stats[metric].groupby(level="strategy"):
-            r = curve.index.get_level_values("round")
-            ax.plot(r, curve["mean"], marker=".", color=palette[strategy], label=strategy)
-            ax.fill_between(r, curve["mean"] - curve["std"].fillna(0),
-                            curve["mean"] + curve["std"].fillna(0),
-                            color=palette[strategy], alpha=0.15)
         ax.set_title(METRIC_NAMES[metric])
         ax.grid(alpha=0.3)
     fig.supxlabel("round (0 = initial model)")
@@ -117,7 +136,7 @@ def convergence_plot(rows: pd.DataFrame, model: str, optimizer: str,
     axes[0].xaxis.get_major_locator().set_params(integer=True)
     fig.legend(*axes[0].get_legend_handles_labels(), title="strategy", loc="outside right upper")
     fig.suptitle(f"{model} · {optimizer}: global test metrics per round "
-                 "(mean over seeds, band = ± std)")
+                 "(mean over seeds, band = 95 % interval)")
     return _save(fig, path)
 
 
@@ -129,9 +148,11 @@ def client_bars_plot(table: pd.DataFrame, model: str, optimizer: str,
     fig = Figure(figsize=(max(12, 3.3 * len(test_sets)), 7.5), layout="constrained")
     axes = fig.subplots(2, 3, sharey=True).ravel()
     for ax, metric in zip(axes, METRICS):
-        means, stds = (rows.pivot(index="test_set", columns="strategy", values=f"{metric}_{s}")
-                       .reindex(test_sets) for s in ("mean", "std"))
-        _grouped_bars(ax, means, stds, palette)
+        below, above = error_bars(rows, metric)
+        means, below, above = (rows.assign(value=v).pivot(index="test_set", columns="strategy",
+                                                           values="value").reindex(test_sets)
+                               for v in (rows[f"{metric}_mean"], below, above))
+        _grouped_bars(ax, means, below, above, palette)
         ax.set_title(METRIC_NAMES[metric])
     fig.supxlabel("test set")
     fig.supylabel("score")
@@ -140,35 +161,41 @@ def client_bars_plot(table: pd.DataFrame, model: str, optimizer: str,
     return _save(fig, path)
 
 
-def pooled_gap_plot(rows: pd.DataFrame, palette: dict[str, tuple], path: Path) -> Path:
+def pooled_gap_plot(rows: pd.DataFrame, palette: dict[str, tuple], boot: Bootstrap,
+                    path: Path) -> Path:
     """One group of versus_pooled (a model × optimizer × recipe): per metric, a bar per
-    strategy of its gap to pooled, error bars = its std over seeds; the grey band is the
-    pooled run's own ± std, so a bar inside it may be seed noise alone."""
+    strategy of its gap to pooled, error bars = the paired 95 % interval of the gap (± the
+    strategy's std where a run kept no predictions)."""
     names = [METRIC_NAMES[m] for m in METRICS]
     is_ref = rows["strategy"] == rows["reference"]
-    others = rows[~is_ref].set_index("strategy")
-    gaps, stds = (others[[f"{m}_{stat}" for m in METRICS]].set_axis(names, axis=1).T
-                  for stat in ("gap", "std"))
     pooled = rows[is_ref].iloc[0]
-    # A single pooled seed has no std: no band.
-    band = np.nan_to_num(pooled[[f"{m}_std" for m in METRICS]].to_numpy(float))
-    fig = Figure(figsize=(10, 5.5), layout="constrained")
+    others = rows[~is_ref]
+    gaps = others.set_index("strategy")[[f"{m}_gap" for m in METRICS]].set_axis(names, axis=1).T
+    below, above = gaps.copy(), gaps.copy()
+    for _, row in others.iterrows():
+        for metric, name in zip(METRICS, names):
+            tested = boot.difference(configuration(row), configuration(pooled), metric,
+                                     row[f"{metric}_gap"])
+            std = 0.0 if np.isnan(row[f"{metric}_std"]) else row[f"{metric}_std"]
+            below.at[name, row["strategy"]] = std if tested is None else tested.value - tested.lo
+            above.at[name, row["strategy"]] = std if tested is None else tested.hi - tested.value
+    fig = Figure(figsize=(10, 6), layout="constrained")
     ax = fig.add_subplot()
-    ax.bar(np.arange(len(names)), 2 * band, 0.9, bottom=-band, color="0.88",
-           label=f"{pooled['strategy']} ± std")
-    _grouped_bars(ax, gaps, stds, palette, ylim=None)
+    _grouped_bars(ax, gaps, below, above, palette, ylim=None)
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_xlabel("metric (global test set)")
     ax.set_ylabel(f"strategy − {pooled['strategy']}")
-    fig.legend(loc="outside right upper")
+    # Below the axes: a legend at the upper right covered the title.
+    fig.legend(loc="outside lower center", ncols=min(len(others), 4))
     group = group_name(pooled["model"], pooled["optimizer"], pooled["recipe"])
     fig.suptitle(f"{group}: gap to {pooled['strategy']} on the global test set\n"
-                 f"({AT_BEST}; error bars = the strategy's std)", fontsize="medium")
+                 "(mean over seeds at each run's best round; error bars: the paired 95 % "
+                 "interval of the gap)", fontsize="medium")
     return _save(fig, path)
 
 
 def write_figures(rows: pd.DataFrame, table: pd.DataFrame, versus: pd.DataFrame,
-                  out: Path) -> dict[str, list[Path]]:
+                  boot: Bootstrap, out: Path) -> dict[str, list[Path]]:
     """Every figure of a report into `out`, by kind."""
     palette = colors(list(table["strategy"].unique()))
     figures: dict[str, list[Path]] = {"spider": [], "convergence": [], "clients": [], "pooled": []}
@@ -178,13 +205,14 @@ def write_figures(rows: pd.DataFrame, table: pd.DataFrame, versus: pd.DataFrame,
     for model, optimizer in _pairs(table, "model", "optimizer"):
         name = slug(model, optimizer)
         figures["convergence"].append(
-            convergence_plot(rows, model, optimizer, palette, out / f"convergence_{name}.png"))
+            convergence_plot(rows, model, optimizer, palette, boot,
+                             out / f"convergence_{name}.png"))
         figures["clients"].append(
             client_bars_plot(table, model, optimizer, palette, out / f"clients_{name}.png"))
     for key, group in compared_groups(versus):
         if len(group) > 1:  # pooled alone has no gap to draw
             figures["pooled"].append(
-                pooled_gap_plot(group, palette, out / f"vs_pooled_{slug(*key)}.png"))
+                pooled_gap_plot(group, palette, boot, out / f"vs_pooled_{slug(*key)}.png"))
     return figures
 
 

@@ -1,5 +1,6 @@
 """Mean ± std over seeds of the test metrics at the best-on-validation round, winners, and
-the federated strategies against the pooled and local baselines."""
+the federated strategies against the pooled and local baselines. Intervals and paired
+tests: fl_sim.report.uncertainty."""
 
 from __future__ import annotations
 
@@ -8,25 +9,32 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from fl_sim.report.collect import LABELS, METRICS
+from fl_sim.report.collect import CLINICAL, LABELS, METRICS
+from fl_sim.stats import METRICS as INTERVAL_METRICS
 
 METRIC_NAMES = {"acc": "ACC", "bacc": "BACC", "precision": "Precision", "recall": "Recall",
-                "f1": "F1", "avg": "AVG"}
+                "f1": "F1", "avg": "AVG", "auroc": "AUROC", "mel_sens": "MEL sens.",
+                "mel_spec": "MEL spec.", "ece": "ECE"}
+BOUNDS = [f"{m}_{end}" for m in INTERVAL_METRICS for end in ("lo", "hi")]
 
 
 def seed_table(at_best: pd.DataFrame) -> pd.DataFrame:
     """One row per strategy, model, optimizer and test set ("global", "client 0", ...).
 
-    std is the sample standard deviation (ddof=1): NaN where a group has one seed.
+    std is the sample standard deviation (ddof=1): NaN where a group has one seed. The
+    clinical metrics of runs that lack them are NaN; `<metric>_lo` / `_hi` are the mean over
+    seeds of the intervals the rows hold (a client's own test split), NaN elsewhere.
     """
+    at_best = at_best.reindex(columns=list(dict.fromkeys([*at_best.columns, *CLINICAL, *BOUNDS])))
     rows = at_best.assign(
         test_set=[("global" if s == "global" else f"client {int(c)}")
                   for s, c in zip(at_best["scope"], at_best["client"])],
         # Global first, then clients in id order, whatever order the rows came in.
         order=at_best["client"].fillna(-1))
     groups = rows.groupby([*LABELS, "order", "test_set"])
-    stats = groups[list(METRICS)].agg(["mean", "std"])
+    stats = groups[[*METRICS, *CLINICAL]].agg(["mean", "std"])
     stats.columns = [f"{metric}_{stat}" for metric, stat in stats.columns]
+    stats = stats.join(groups[BOUNDS].mean())
     stats.insert(0, "seeds", groups.size())
     return stats.reset_index().drop(columns="order")
 
@@ -53,7 +61,7 @@ def winners(table: pd.DataFrame) -> list[Winner]:
     """Per metric: the highest mean on the global test set, and the next one."""
     glob = table[table["test_set"] == "global"]
     out = []
-    for metric in METRICS:
+    for metric in (*METRICS, *(["auroc"] if glob["auroc_mean"].notna().any() else [])):
         ranked = glob.sort_values(f"{metric}_mean", ascending=False, kind="stable")
         out.append(Winner(metric, ranked.iloc[0], ranked.iloc[1] if len(ranked) > 1 else None))
     return out
