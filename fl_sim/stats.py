@@ -60,12 +60,13 @@ def replicate_metrics(labels: np.ndarray, decisions: np.ndarray, probs: np.ndarr
     """Each metric of METRICS on each of the B draws: arrays of shape (B,), with the
     definitions of fl_sim.metrics (BACC over the classes present in the draw, zero where a
     precision divides by zero). AUROC only where `probs` is given."""
+    # Each draw's confusion matrix: the images' counts summed per (true, decided) cell.
     cells = labels.astype(np.int64) * num_classes + decisions
-    offsets = np.arange(draws.replicates, dtype=np.int64)[:, None] * num_classes ** 2
-    counts = np.bincount((cells[draws.indices] + offsets).ravel(),
-                         minlength=draws.replicates * num_classes ** 2)
-    out = confusion_metrics(
-        counts.reshape(draws.replicates, num_classes, num_classes).astype(float))
+    order = np.argsort(cells, kind="stable")
+    present, starts = np.unique(cells[order], return_index=True)
+    cm = np.zeros((num_classes ** 2, draws.replicates))
+    cm[present] = np.add.reduceat(draws.counts[order], starts, axis=0)
+    out = confusion_metrics(cm.T.reshape(draws.replicates, num_classes, num_classes))
     if probs is not None:
         out["auroc"] = auroc_replicates(labels, probs, draws)
     return out

@@ -132,8 +132,8 @@ def winner_line(w: Winner, tested: Difference | None = None) -> str:
     versus = f"{head} leads {config_name(w.runner_up)} ({score(w.runner_up, m)}) by {w.gap:.3f}"
     if math.isnan(w.spread):
         return f"{versus}; seed spread unknown (a single seed)"
-    verdict = "exceeds" if w.gap > w.spread else "is within"
-    return f"{versus}, which {verdict} the seed spread ({w.spread:.3f})"
+    relation = "exceeds" if w.gap > w.spread else "is within"
+    return f"{versus}, which {relation} the seed spread ({w.spread:.3f})"
 
 
 def gap(value: float) -> str:

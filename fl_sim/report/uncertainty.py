@@ -98,7 +98,9 @@ class Bootstrap:
         if found is None:
             return None
         n, classes = found.probs.shape[1:]
-        draws = self._draws.setdefault(n, ImageDraws(n))
+        if n not in self._draws:
+            self._draws[n] = ImageDraws(n)
+        draws = self._draws[n]
         per_model = [replicate_metrics(found.labels, found.decisions[m],
                                        found.probs[m] if auroc else None, draws, classes)
                      for m in range(found.models)]
