@@ -123,13 +123,14 @@ def winner_line(w: Winner, tested: Difference | None = None) -> str:
     head = f"**{METRIC_NAMES[m]}**: {config_name(w.best)} ({score(w.best, m)})"
     if w.runner_up is None:
         return f"{head}, the only configuration"
+    runner_up = f"{config_name(w.runner_up)} ({score(w.runner_up, m)})"
     if tested is not None:
-        pair = f"{config_name(w.best)} − {config_name(w.runner_up)} = {gap(w.gap)}"
         if tested.distinguishable:
-            return f"{head} wins against {config_name(w.runner_up)}: {pair}, {verdict(tested)}"
-        return (f"**{METRIC_NAMES[m]}**: no winner: {pair} ({score(w.best, m)} against "
-                f"{score(w.runner_up, m)}), {verdict(tested)}")
-    versus = f"{head} leads {config_name(w.runner_up)} ({score(w.runner_up, m)}) by {w.gap:.3f}"
+            return f"{head} wins against {runner_up} by {gap(w.gap)}: {verdict(tested)}"
+        return (f"**{METRIC_NAMES[m]}**: no winner between {config_name(w.best)} "
+                f"({score(w.best, m)}) and {runner_up}: the difference {gap(w.gap)} is "
+                f"{verdict(tested)}")
+    versus = f"{head} leads {runner_up} by {w.gap:.3f}"
     if math.isnan(w.spread):
         return f"{versus}; seed spread unknown (a single seed)"
     relation = "exceeds" if w.gap > w.spread else "is within"
