@@ -143,3 +143,21 @@ def test_bad_augment_values_name_the_key(tmp_path, obj, message):
     with pytest.raises(FlSimError) as info:
         load_study(write(tmp_path, {"study": "s", **obj}))
     assert message in str(info.value)
+
+
+@pytest.mark.parametrize("text, key, lines", [
+    ("study: x\ndata: {dataset: synthetic}\nstudy: y\n", "'study'", "lines 1 and 3"),
+    ("study: x\ndata:\n  dataset: synthetic\n  image_size: 32\n  image_size: 64\n",
+     "'image_size'", "lines 4 and 5"),
+])
+def test_a_key_given_twice_is_refused_not_overwritten(tmp_path, capsys, text, key, lines):
+    path = tmp_path / "study.yaml"
+    path.write_text(text)
+    with pytest.raises(FlSimError, match=f"the key {key} is given twice in one mapping \\({lines}\\)"):
+        load_study(path)
+    assert main(["run", str(path), "--dry-run"]) == 2
+    assert "given twice" in capsys.readouterr().err
+    # The same key in two different mappings is fine.
+    path.write_text("study: x\ndata: {dataset: synthetic, root: null}\n"
+                    "defaults: {model: {name: test_convnext}, optimizer: {name: adamw}}\n")
+    assert load_study(path).study == "x"

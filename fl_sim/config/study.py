@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Hashable
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ def load_study(
     path = Path(path)
     try:
         with open(path, "rb") as f:  # a named stream: YAML's errors name the file
-            raw = yaml.safe_load(f)
+            raw = yaml.load(f, Loader=UniqueKeyLoader)
     except FileNotFoundError:
         raise FlSimError(f"config file {path} not found: check the path.") from None
     except OSError as err:
@@ -43,6 +44,26 @@ def load_study(
     except ValidationError as err:
         raise FlSimError(f"{path} is not a valid study:\n{format_validation_error(err)}") from None
     return study
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping: PyYAML would keep the
+    last one without a word (`study: x` ... `study: y` runs study y)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Hashable, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, Hashable):  # PyYAML refuses those itself
+                continue
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key!r} is given twice in one mapping (lines "
+                    f"{seen[key]} and {line}); YAML would keep the last one silently, so delete "
+                    "the one you do not mean", key_node.start_mark)
+            seen[key] = line
+        return super().construct_mapping(node, deep)
 
 
 def _make_paths_absolute(study: StudyConfig) -> None:
