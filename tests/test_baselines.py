@@ -2,6 +2,7 @@
 checkpoints, resume and schedule of a federated run."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -63,6 +64,8 @@ def test_local_clients_train_alone_and_the_global_row_is_the_mean_of_their_model
     rows = rows_of(run_dir)
     own = [r for r in rows if r["round"] == 1 and r["split"] == "global_test"]
     assert [r["client"] for r in own] == [0, 1, 2]
+    trained = [r for r in rows if r["scope"] == "client" and r["split"] == "train"]
+    assert [(r["cuda_device"], r["gpu_peak_mb"]) for r in trained] == [(-1, 0.0)] * 3  # the CPU
     [mean] = [r for r in rows if r["round"] == 1 and r["scope"] == "global"]
     for key in ("acc", "bacc", "f1", "loss"):
         assert mean[key] == pytest.approx(np.mean([r[key] for r in own]))
@@ -150,4 +153,7 @@ def test_pooled_local_and_fedavg_on_the_real_ham10000_and_their_report(ham_root,
     assert rows[1:4] == ["pooled", "fedavg", "local"]  # after the header row
     pooled = json.loads((dirs[0] / "summary.json").read_text())["best"]["global_test"]["acc"]
     fedavg = json.loads((dirs[2] / "summary.json").read_text())["best"]["global_test"]["acc"]
-    assert f"| fedavg | 1 | {fedavg:.3f} | {fedavg - pooled:+.3f}".replace("-", "−") in section
+    # ACC with its bootstrap interval, then its gap to pooled.
+    gap = f"{fedavg - pooled:+.3f}".replace("-", "−")
+    assert re.search(rf"\| fedavg \| 1 \| {fedavg:.3f} \[[0-9.]+, [0-9.]+\] \| {gap} \|", section)
+    assert "| fedavg − pooled |" in section and "| fedavg − local |" in section  # paired tests

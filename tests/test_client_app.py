@@ -58,6 +58,7 @@ def test_train_reply_of_a_local_data_node(study_data, monkeypatch, lr):
     # It trained, unless the server's rate for the round was 0.
     assert any(not torch.equal(before[k], after[k]) for k in before) == (lr is None)
     assert np.isfinite(metrics["train_loss"])
+    assert metrics["cuda_device"] == (0 if torch.cuda.is_available() else -1)  # where it trained
 
 
 def test_a_node_whose_partition_differs_from_the_servers_refuses(study_data, monkeypatch):

@@ -97,7 +97,8 @@ def train_local(
 
     A fresh optimizer each round, as in FedAvg: optimizer state is local and not federated.
     Returns the mean training loss (without the proximal term), the training accuracy of
-    the batches as they were trained on, and the number of steps.
+    the batches as they were trained on, the number of steps, and where it trained
+    (`device_report`).
     """
     device = preprocess.device
     train_mode(model)  # frozen parts (partial fine-tuning) stay in eval mode
@@ -142,4 +143,14 @@ def train_local(
             seen += len(idx)
             steps += 1
     return {"train_loss": total.item() / max(seen, 1), "train_acc": correct.item() / max(seen, 1),
-            "steps": steps}
+            "steps": steps, **device_report(device)}
+
+
+def device_report(device: torch.device) -> dict[str, float]:
+    """Where this process trained, as numbers a reply can carry: `cuda_device`, the CUDA
+    device index (-1: the CPU), and `gpu_peak_mb`, the most GPU memory torch's allocator has
+    reserved in this process so far (a Ray actor's peak; 0 on the CPU)."""
+    if device.type != "cuda":
+        return {"cuda_device": -1, "gpu_peak_mb": 0.0}
+    index = torch.cuda.current_device() if device.index is None else device.index
+    return {"cuda_device": index, "gpu_peak_mb": torch.cuda.max_memory_reserved(index) / 2**20}

@@ -203,9 +203,11 @@ class RunState:
 
 
 def train_row(metrics: Any, n: int) -> dict[str, Any]:
-    """A `train` row from train_local's result (a client's reply metrics, or the dict)."""
+    """A `train` row from train_local's result (a client's reply metrics, or the dict):
+    with the device it trained on (`cuda_device`, -1 for the CPU) and its peak GPU memory."""
     return {"n": n, "loss": float(metrics["train_loss"]), "acc": float(metrics["train_acc"]),
-            "steps": int(metrics["steps"]), "time_s": float(metrics["train_time_s"])}
+            "steps": int(metrics["steps"]), "time_s": float(metrics["train_time_s"]),
+            "cuda_device": int(metrics["cuda_device"]), "gpu_peak_mb": float(metrics["gpu_peak_mb"])}
 
 
 def mean_row(rows: list[dict[str, Any]], keys: list[str] | None = None) -> dict[str, Any]:
