@@ -59,15 +59,17 @@ def clinical_metrics(y_true: np.ndarray, probs: np.ndarray,
     positives or negatives) and their mean over the classes that have both (`auroc`); the
     expected calibration error of the top class (`ece`, 15 equal-width bins); and, where a
     class is `mel`, melanoma sensitivity and specificity at the model's own decision (its
-    arg-max). Every key is present whatever the split holds, so replies stay consistent."""
+    arg-max). Every key is present whatever the split holds, so replies stay consistent;
+    a model whose outputs are not finite (one that diverged) ranks nothing: NaN AUROC."""
     probs = np.asarray(probs, dtype=np.float64)
     y_true = np.asarray(y_true)
+    finite = bool(np.isfinite(probs).all())
     out: dict[str, float] = {}
     aurocs = []
     for k in range(probs.shape[1]):
         positive = y_true == k
         auroc = (float(roc_auc_score(positive, probs[:, k]))
-                 if 0 < positive.sum() < len(y_true) else float("nan"))
+                 if finite and 0 < positive.sum() < len(y_true) else float("nan"))
         out[f"auroc_c{k}"] = auroc
         if auroc == auroc:
             aurocs.append(auroc)
@@ -84,7 +86,7 @@ def clinical_metrics(y_true: np.ndarray, probs: np.ndarray,
 def expected_calibration_error(y_true: np.ndarray, probs: np.ndarray,
                                bins: int = ECE_BINS) -> float:
     """Σ_b |B_b|/n · |acc(B_b) − conf(B_b)| over equal-width bins of the top-class confidence."""
-    if len(y_true) == 0:
+    if len(y_true) == 0 or not np.isfinite(probs).all():
         return float("nan")
     confidence = probs.max(1)
     correct = probs.argmax(1) == y_true

@@ -67,8 +67,9 @@ def replicate_metrics(labels: np.ndarray, decisions: np.ndarray, probs: np.ndarr
     cm = np.zeros((num_classes ** 2, draws.replicates))
     cm[present] = np.add.reduceat(draws.counts[order], starts, axis=0)
     out = confusion_metrics(cm.T.reshape(draws.replicates, num_classes, num_classes))
-    if probs is not None:
-        out["auroc"] = auroc_replicates(labels, probs, draws)
+    if probs is not None:  # non-finite outputs (a diverged model) rank nothing
+        out["auroc"] = (auroc_replicates(labels, probs, draws) if np.isfinite(probs).all()
+                        else np.full(draws.replicates, np.nan))
     return out
 
 

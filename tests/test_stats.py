@@ -145,3 +145,11 @@ def test_an_empty_split_gives_no_interval():
     empty = split_intervals(np.empty(0, int), np.empty((0, 0)))
     assert set(empty) == {f"{m}_{e}" for m in METRICS for e in ("lo", "hi")}
     assert all(math.isnan(v) for v in empty.values())
+
+
+def test_a_model_with_non_finite_outputs_gets_no_auroc_and_no_error():
+    labels, probs = predictions(300, 1.0, 8)
+    probs[5, 2] = np.nan
+    assert math.isnan(clinical_metrics(labels, probs, CLASSES)["auroc"])
+    got = split_intervals(labels, probs)
+    assert math.isnan(got["auroc_lo"]) and not math.isnan(got["acc_lo"])
