@@ -22,7 +22,7 @@ from fl_sim.client.client_app import train
 from fl_sim.config import DataConfig, RunConfig, expand_grid, load_study
 from fl_sim.data_partition import prepare_data
 from fl_sim.deploy import processes, supernode
-from fl_sim.server import loop
+from fl_sim.server import messaging
 from fl_sim.server.failures import Interrupted, stop_requested
 from fl_sim.task import build_model
 
@@ -140,13 +140,13 @@ def messages(n: int) -> list[SimpleNamespace]:
 def test_exchange_returns_as_soon_as_the_replies_are_there():
     grid = SlowGrid(delay=0.3)
     start = time.perf_counter()
-    assert len(loop.exchange(grid, messages(2), timeout=10)) == 2
+    assert len(messaging.exchange(grid, messages(2), timeout=10)) == 2
     assert time.perf_counter() - start < 0.6  # Flower's deployed grid would wait 3 s
 
 
 def test_exchange_gives_up_at_the_timeout_with_the_replies_it_has():
     start = time.perf_counter()
-    assert loop.exchange(SlowGrid(delay=60), messages(1), timeout=0.3) == []
+    assert messaging.exchange(SlowGrid(delay=60), messages(1), timeout=0.3) == []
     assert 0.3 <= time.perf_counter() - start < 1.5
 
 
@@ -154,7 +154,7 @@ def test_exchange_ends_when_a_stop_is_requested():
     threading.Timer(0.2, stop_requested.set).start()
     try:
         with pytest.raises(Interrupted):
-            loop.exchange(SlowGrid(delay=60), messages(1), timeout=60)
+            messaging.exchange(SlowGrid(delay=60), messages(1), timeout=60)
     finally:
         stop_requested.clear()
 

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from fl_sim.config import RunConfig, StrategyConfig
-from fl_sim.server.loop import SampledGrid, sample_nodes
+from fl_sim.server.messaging import SampledGrid, sample_nodes
 from fl_sim.server.run_log import read_metrics
 from fl_sim.strategies import build_strategy
 

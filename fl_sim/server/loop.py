@@ -23,10 +23,9 @@ import torch
 import yaml
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
-from flwr.superlink.grid import InMemoryGrid
 from sklearn.metrics import confusion_matrix
 
-from fl_sim.arrays import is_packed, pack, to_state_dict, unpack
+from fl_sim.arrays import to_state_dict
 from fl_sim.client.fedbn import GLOBAL_BATCHNORM, batchnorm_keys
 from fl_sim.client.train import optimizer_kwargs
 from fl_sim.client.train_split import synthesis_classes
@@ -39,8 +38,9 @@ from fl_sim.privacy.central import with_client_level_dp
 from fl_sim.privacy.ledger import PrivacyLedger, trainer_key
 from fl_sim.server.failures import (
     WRITE_ERRORS, RunFailed, check_finite, failed_before, finite_or_null,
-    not_resumed, rounds_kept, stop_if_requested, stop_requested,
+    not_resumed, rounds_kept,
 )
+from fl_sim.server.messaging import payload_bytes, sample_nodes, send_and_check, wait_for_clients
 from fl_sim.server.predictions import clear_predictions, save_predictions
 from fl_sim.server.run_log import RunLog, json_line, read_metrics, write_json_atomic
 from fl_sim.server.schedule import LRSchedule
@@ -50,113 +50,6 @@ from fl_sim.task import build_model, load_data
 
 SPLITS = ("val", "test")
 log = logging.getLogger(__name__)
-
-
-def payload_bytes(msg: Message) -> int:
-    """Bytes of a message's records as Flower counts them (array data, metric and config values)."""
-    return sum(record.count_bytes() for record in msg.content.values())
-
-
-def wait_for_clients(grid: Grid, needed: int, timeout: float, server_round: int) -> None:
-    """Flower's samplers wait for nodes forever; fl-sim waits at most `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while (connected := len(list(grid.get_node_ids()))) < needed:
-        stop_if_requested()
-        if time.monotonic() > deadline:
-            raise FlSimError(
-                f"round {server_round}: only {connected} clients connected, {needed} needed "
-                f"(min_clients), after waiting {timeout:g} s (round_timeout_s). Start more "
-                "clients or lower min_clients; the rounds finished before are kept.")
-        stop_requested.wait(1.0)
-
-
-def exchange(grid: Grid, messages: list[Message], timeout: float) -> list[Message]:
-    """Flower's `send_and_receive`, polling for replies often and ending the wait once a stop
-    is requested. Flower polls every 3 s on a SuperLink (half a round's work on average, per
-    exchange, on loopback) and every 0.1 s in simulation; an in-memory poll costs nothing, a
-    SuperLink poll one small local HTTP request. Through a SuperLink the weights travel
-    packed (`arrays.pack`: one object instead of one per tensor), and replies are unpacked."""
-    simulated = isinstance(grid, InMemoryGrid)
-    poll = 0.01 if simulated else 0.05
-    if not simulated:
-        for m in messages:  # (the clients of a round may share one RecordDict)
-            if "arrays" in m.content and not is_packed(m.content["arrays"]):
-                m.content["arrays"] = pack(m.content["arrays"])
-    waiting = set(grid.push_messages(messages))
-    deadline = time.monotonic() + timeout
-    replies: list[Message] = []
-    while True:
-        stop_if_requested()
-        pulled = list(grid.pull_messages(waiting))
-        replies += pulled
-        waiting -= {m.metadata.reply_to_message_id for m in pulled}
-        if not waiting or time.monotonic() >= deadline:
-            break
-        time.sleep(poll)
-    for reply in replies:
-        if not reply.has_error() and "arrays" in reply.content:
-            reply.content["arrays"] = unpack(reply.content["arrays"])
-    return replies
-
-
-def send_and_check(grid: Grid, messages: list[Message], kind: str, server_round: int,
-                   timeout: float, min_replies: int,
-                   client_of_node: dict[int, int] | None = None) -> list[Message]:
-    """Send, wait at most `timeout` seconds; carry on without failed clients while at least
-    `min_replies` replied, else stop the run with the clients' reasons.
-
-    `client_of_node` (node id -> partition id, learnt from earlier replies) names a failed
-    client by its partition id where known.
-    """
-    if not messages:
-        raise FlSimError(f"round {server_round}: the strategy sampled no client to {kind}.")
-    replies = exchange(grid, messages, timeout)
-    # A dead node's error reply comes from the SuperLink: name the node the message went to.
-    dst = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
-    names = client_of_node or {}
-
-    def culprit(reply: Message) -> str:
-        node = dst.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
-        return f"client {names[node]} (node {node})" if node in names else f"node {node}"
-
-    ok = [m for m in replies if not m.has_error()]
-    reasons = [f"{culprit(m)}: {m.error.reason.strip()}" for m in replies if m.has_error()]
-    if len(replies) < len(messages):
-        reasons.append(f"{len(messages) - len(replies)} gave no reply within {timeout:g} s")
-    if len(ok) < min_replies:
-        raise FlSimError(
-            f"round {server_round} ({kind}): {len(ok)} of {len(messages)} clients replied, "
-            f"{min_replies} needed (min_clients). {'; '.join(reasons)}. The rounds finished "
-            "before are kept.")
-    for reason in reasons:
-        log.warning("round %d (%s): continuing without a client. %s", server_round, kind, reason)
-    # A fixed order makes aggregation's floating-point sums independent of arrival order.
-    return sorted(ok, key=lambda m: m.content["metrics"]["partition-id"])
-
-
-class SampledGrid:
-    """The grid as a strategy sees it in a sampled round: only the sampled nodes connected.
-    fl-sim samples, seeded by (seed, round), rather than Flower (unseeded `random.sample`)."""
-
-    def __init__(self, grid: Grid, node_ids: list[int]) -> None:
-        self._grid, self._node_ids = grid, node_ids
-
-    def get_node_ids(self) -> list[int]:
-        return list(self._node_ids)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._grid, name)
-
-
-def sample_nodes(grid: Grid, fraction: float, rng: np.random.Generator) -> Grid:
-    """`grid`, or a SampledGrid of round(fraction x connected) of its nodes (at least one)."""
-    node_ids = sorted(grid.get_node_ids())
-    k = sample_size(len(node_ids), fraction)
-    if k == len(node_ids):
-        return grid
-    # By position: node ids are unsigned 64-bit, which numpy would turn into floats.
-    chosen = sorted(rng.choice(len(node_ids), k, replace=False))
-    return SampledGrid(grid, [node_ids[i] for i in chosen])
 
 
 class PhaseTimer:

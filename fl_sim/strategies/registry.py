@@ -77,7 +77,7 @@ def build_strategy(cfg: StrategyConfig, num_clients: int, min_clients: int | Non
             raise FlSimError("qfedavg needs the clients' learning rate: set "
                              "strategy.params.client_learning_rate.")
         kwargs["client_learning_rate"] = client_lr
-    # fl-sim samples the clients itself (fl_sim.server.loop.sample_nodes) and shows the
+    # fl-sim samples the clients itself (fl_sim.server.messaging.sample_nodes) and shows the
     # strategy only those: its minimums must fit the smallest sample, or Flower waits forever.
     needed = min(num_clients if min_clients is None else min_clients,
                  sample_size(num_clients, cfg.fraction_train),
