@@ -149,12 +149,16 @@ def interval(replicates: np.ndarray, level: float = LEVEL) -> tuple[float, float
 
 def p_value(differences: np.ndarray) -> float:
     """Two-sided bootstrap p-value of `differences` (replicates of a − b) against no
-    difference: twice the smaller share of replicates on either side of 0, at most 1. It
-    is below 1 − LEVEL exactly where the percentile interval leaves 0 out."""
+    difference: twice the smaller share of replicates on either side of 0, each share
+    counted as (k + 1) / (B + 1) so that B draws never claim more than they can show (at
+    least 2 / (B + 1)), at most 1. Below 1 − LEVEL about where the percentile interval
+    leaves 0 out."""
     finite = differences[np.isfinite(differences)]
     if not len(finite):
         return float("nan")
-    return float(min(1.0, 2 * min((finite <= 0).mean(), (finite >= 0).mean())))
+    below, above = ((int(side.sum()) + 1) / (len(finite) + 1)
+                    for side in (finite <= 0, finite >= 0))
+    return float(min(1.0, 2 * min(below, above)))
 
 
 def holm(p_values: Sequence[float]) -> list[float]:

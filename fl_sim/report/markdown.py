@@ -14,7 +14,7 @@ from fl_sim.report.tables import (
     METRIC_NAMES, Winner, compared_groups, group_name, local_clients_table, winners,
 )
 from fl_sim.report.uncertainty import Bootstrap, Difference, configuration, with_holm
-from fl_sim.stats import METRICS as TESTED, REPLICATES
+from fl_sim.stats import METRICS as TESTED
 
 FIGURE_TEXT = {
     "spider": "Spider plots (the paper's Figure 4): global test metrics per backbone, "
@@ -77,8 +77,8 @@ def score(row: pd.Series, metric: str) -> str:
 
 
 def p_text(p: float) -> str:
-    """A bootstrap p-value: 0 means below one replicate in B."""
-    return f"< {1 / REPLICATES:.4f}" if p == 0 else f"{p:.3f}"
+    """A bootstrap p-value (at least 2 / (B + 1), about 0.001)."""
+    return f"{p:.3f}" if p >= 0.001 else f"{p:.4f}"
 
 
 def verdict(d: Difference) -> str:
