@@ -9,7 +9,7 @@ metrics.jsonl, summary.json and config.yaml; the caches and checkpoints stay in 
 
 Steps, each in its own processes with its own time limit, the table rewritten after each:
 1. quickstart: examples/quickstart.yaml with resources {num_gpus: 0.33}: 3 clients packed
-   on one GPU, each reporting CUDA as its device (metrics.jsonl train rows, key `device`);
+   on one GPU, each reporting CUDA as its device (metrics.jsonl train rows, key `cuda_device`);
    GPU memory sampled with nvidia-smi: the peak per client actor, and what is held after the
    first of its two runs ends, before the second run's clients start;
 2. dpsgd: one round of DP-SGD (privacy.sample_level) with 3 clients on the GPU;
@@ -219,27 +219,23 @@ def read_summary(run_dir: Path) -> dict:
 
 
 def client_devices(rows: list[dict]) -> dict[int, set[str]]:
-    """The device each client reported in its train rows: key `device` ("cuda" / "cpu"),
-    or a numeric `cuda` (1 / 0). Clients that report neither are absent."""
+    """The device each client reported in its train rows: `cuda_device` (the CUDA index, -1
+    for the CPU). Clients whose rows lack it (runs of an older fl-sim) are absent."""
     out: dict[int, set[str]] = {}
     for r in rows:
-        if r.get("scope") != "client" or r.get("split") != "train":
-            continue
-        if "device" in r:
-            out.setdefault(int(r["client"]), set()).add(str(r["device"]).split(":")[0])
-        elif "cuda" in r:
-            out.setdefault(int(r["client"]), set()).add("cuda" if r["cuda"] else "cpu")
+        if r.get("scope") == "client" and r.get("split") == "train" and "cuda_device" in r:
+            out.setdefault(int(r["client"]), set()).add("cuda" if r["cuda_device"] >= 0 else "cpu")
     return out
 
 
 def client_peaks(rows: list[dict]) -> dict[int, float]:
-    """Each client's largest `gpu_mem_peak_mib` (torch's peak allocated in its process, if
+    """Each client's largest `gpu_peak_mb` (MiB torch's allocator reserved in its process, if
     the train rows carry it)."""
     out: dict[int, float] = {}
     for r in rows:
-        if r.get("scope") == "client" and r.get("split") == "train" and "gpu_mem_peak_mib" in r:
+        if r.get("scope") == "client" and r.get("split") == "train" and "gpu_peak_mb" in r:
             c = int(r["client"])
-            out[c] = max(out.get(c, 0.0), float(r["gpu_mem_peak_mib"]))
+            out[c] = max(out.get(c, 0.0), float(r["gpu_peak_mb"]))
     return out
 
 
@@ -292,7 +288,7 @@ def step_quickstart(ctx: dict) -> list[Row]:
         return [Row("quickstart: 3 clients at num_gpus 0.33", f"dry run: {dry}", "2/2 runs complete",
                     "not measured"),
                 Row("clients report CUDA as their device", "dry run", "3/3 clients: cuda",
-                    "not measured", "train rows' `device`"),
+                    "not measured", "train rows' `cuda_device`"),
                 Row("GPU memory: peak per client actor", "dry run", "-", "not measured"),
                 Row("GPU memory: held after run 1, before run 2's clients", "dry run",
                     "given back: run 2's peak <= run 1's + 5 % + 256 MiB", "not measured")]
@@ -331,9 +327,9 @@ def quickstart_rows(done: dict, names: list[str], complete: list[str], accs: lis
                      "3/3 clients: cuda", "met" if len(cuda) == 3 else "NOT met", seen)
     else:
         device = Row("clients report CUDA as their device",
-                     "not reported: no train row has `device`", "3/3 clients: cuda",
+                     "not reported: no train row has `cuda_device`", "3/3 clients: cuda",
                      "met" if gpu_procs >= 3 else "not measured",
-                     f"{seen}; the train rows need `device` (fl-sim does not write it yet)")
+                     f"{seen}; the train rows lack `cuda_device` (a run of an older fl-sim)")
     actor_peaks = mem.get("actor_peaks_mib", {})
     torch_peaks: dict[int, float] = {}
     for rows in rows_by_run.values():
@@ -345,14 +341,14 @@ def quickstart_rows(done: dict, names: list[str], complete: list[str], accs: lis
             parts.append(f"max {max(actor_peaks.values()):,.0f} MiB per actor process (nvidia-smi, "
                          f"CUDA context included; {len(actor_peaks)} processes)")
         if torch_peaks:
-            parts.append(f"max {max(torch_peaks.values()):,.0f} MiB allocated by torch (train rows' "
-                         "gpu_mem_peak_mib)")
+            parts.append(f"max {max(torch_peaks.values()):,.0f} MiB reserved by torch (train rows' "
+                         "gpu_peak_mb)")
         peak = Row("GPU memory: peak per client actor", "; ".join(parts), "-", "info",
                    f"GPU total {mem.get('total_mib', 0):,.0f} MiB, idle {mem.get('idle_mib', 0):,.0f} MiB")
     else:
         peak = Row("GPU memory: peak per client actor",
                    "not measured: nvidia-smi shows no processes here and the train rows have no "
-                   "gpu_mem_peak_mib", "-", "not measured",
+                   "gpu_peak_mb", "-", "not measured",
                    f"study peaks (all processes): run 1 {mem.get('run1_peak_mib')}, run 2 "
                    f"{mem.get('run2_peak_mib')} MiB" if mem else "")
     held = mem.get("held_between_runs_mib")
@@ -400,7 +396,7 @@ def dpsgd_row(done: dict, summary: dict, rows: list[dict]) -> Row:
                "1 round complete; ε per client, finite", "met" if ok else "NOT met",
                f"exit {done['rc']}" + (" (timed out)" if done["timed_out"] else "")
                + (f"; devices {dict(sorted((c, sorted(d)) for c, d in devices.items()))}" if devices
-                  else "; train rows have no `device`"))
+                  else "; train rows have no `cuda_device`"))
 
 
 def step_bench(ctx: dict) -> list[Row]:

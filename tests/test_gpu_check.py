@@ -83,7 +83,7 @@ def _train_rows(device_key=True, clients=3):
     for c in range(clients):
         row = {"round": 1, "scope": "client", "client": c, "split": "train", "n": 10}
         if device_key:
-            row.update(device="cuda:0" if c < 2 else "cuda", gpu_mem_peak_mib=700.0 + c)
+            row.update(cuda_device=0, gpu_peak_mb=700.0 + c)
         rows.append(row)
     return rows
 
@@ -97,7 +97,7 @@ def test_quickstart_rows_give_verdicts():
         done, ["a", "b"], ["a", "b"], ["0.770", "0.771"], {"a": _train_rows(), "b": []}, mem)
     assert ran.verdict == "met" and "2/2 runs complete" in ran.result
     assert device.verdict == "met" and device.result.startswith("3/3 clients: cuda")
-    assert "1,200 MiB per actor" in peak.result and "702 MiB allocated by torch" in peak.result
+    assert "1,200 MiB per actor" in peak.result and "702 MiB reserved by torch" in peak.result
     assert between.verdict == "met" and "2,000 MiB over idle" in between.result
 
     stacked = {**mem, "run2_peak_mib": 8000.0}  # run 1's memory not given back
@@ -108,12 +108,12 @@ def test_quickstart_rows_give_verdicts():
     ran, device, _, _ = gpu_check.quickstart_rows(done, ["a", "b"], ["a"], ["0.770", "-"],
                                                   {"a": _train_rows(device_key=False)}, mem)
     assert ran.verdict == "NOT met"
-    assert "no train row has `device`" in device.result and device.verdict == "met"
+    assert "no train row has `cuda_device`" in device.result and device.verdict == "met"
     _, device, peak, between = gpu_check.quickstart_rows(
         done, ["a"], ["a"], ["0.7"], {"a": _train_rows(device_key=False)}, {})
     assert device.verdict == peak.verdict == between.verdict == "not measured"
     cpu = _train_rows()
-    cpu[2]["device"] = "cpu"
+    cpu[2]["cuda_device"] = -1  # client 2 trained on the CPU
     _, device, _, _ = gpu_check.quickstart_rows(done, ["a"], ["a"], ["0.7"], {"a": cpu}, mem)
     assert device.verdict == "NOT met" and device.result.startswith("2/3")
 
