@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -20,7 +19,7 @@ from fl_sim.errors import FlSimError
 from fl_sim.report import load_study as load_report
 from fl_sim.report import write_report
 from fl_sim.report.plots import slug
-from fl_sim.server.loop import FederatedRun
+from fl_sim.server.checkpoints import keep_rows_up_to
 from fl_sim.server.run_log import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,7 +52,7 @@ def test_resume_drops_a_torn_last_line(tmp_path: Path) -> None:
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + TORN)
     torn: list[int] = []
     assert read_metrics(tmp_path, torn.append) == rows and torn == [3]
-    FederatedRun._keep_rows_up_to(SimpleNamespace(run_dir=tmp_path), 2)  # what resume runs
+    keep_rows_up_to(tmp_path, 2)  # what resume runs
     assert read_metrics(tmp_path) == rows
     assert (tmp_path / "metrics.jsonl").read_text().endswith('"split": "test"}\n')
 

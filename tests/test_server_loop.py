@@ -8,7 +8,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fl_sim.config import RunConfig
 from fl_sim.errors import FlSimError
-from fl_sim.server.loop import results_config
+from fl_sim.server.checkpoints import results_config
 from fl_sim.server.messaging import send_and_check, wait_for_clients
 
 

@@ -25,7 +25,10 @@ from fl_sim.client.train import train_local
 from fl_sim.client.train_split import client_synthesis, synthesis_report, train_split
 from fl_sim.evaluation import evaluate_splits, metrics_of
 from fl_sim.privacy.ledger import trainer_key
-from fl_sim.server.loop import FederatedRun, PhaseTimer, RunState, train_row
+from fl_sim.server.checkpoints import RunState
+from fl_sim.server.loop import FederatedRun, PhaseTimer
+from fl_sim.server.phases import Query, log_synthesis
+from fl_sim.server.rows import train_row
 from fl_sim.server.run_log import RunLog
 from fl_sim.task import client_rng
 
@@ -43,15 +46,8 @@ class BaselineRun(FederatedRun):
     def _checkpoint_state(self, arrays: ArrayRecord) -> OrderedDict[str, torch.Tensor]:
         return to_state_dict(arrays)
 
-    def _synthesize(self, arrays: ArrayRecord, grid: Any, state: RunState,
-                    run_log: RunLog) -> dict:
-        """Each client's synthesis, in this process (as its own client would do it)."""
-        reports = []
-        for c in self.clients:
-            made = client_synthesis(self.data, c, self.cfg, self.study.data, self.preprocess.device)
-            metrics, samples = synthesis_report(made, self.data.classes)
-            reports.append(({"partition-id": c, **metrics}, samples))
-        return self._log_synthesis(reports, run_log)
+    def _synthesis(self) -> InProcessSynthesis:
+        return InProcessSynthesis(self)
 
     def _train_on(self, clients: list[int], rng_client: int, server_round: int) -> dict:
         """train_local on the train splits of `clients` (with their generated images, under
@@ -74,6 +70,21 @@ class BaselineRun(FederatedRun):
     @property
     def clients(self) -> range:
         return range(self.data.num_clients)
+
+
+class InProcessSynthesis:
+    """Each client's synthesis, in this process (as its own client would do it)."""
+
+    def __init__(self, run: BaselineRun) -> None:
+        self.run = run
+
+    def __call__(self, query: Query, run_log: RunLog) -> dict:
+        run, reports = self.run, []
+        for c in run.clients:
+            made = client_synthesis(run.data, c, run.cfg, run.study.data, run.preprocess.device)
+            metrics, samples = synthesis_report(made, run.data.classes)
+            reports.append(({"partition-id": c, **metrics}, samples))
+        return log_synthesis(reports, run_log)
 
 
 class PooledRun(BaselineRun):

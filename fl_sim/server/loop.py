@@ -8,13 +8,11 @@ the best round on validation, and write each finished round to disk at once.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import logging
-import os
+import functools
 import pickle
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -36,20 +34,17 @@ from fl_sim.metrics import HEADLINE
 from fl_sim.models.finetune import frozen_digest, load_weights, travelling_state
 from fl_sim.privacy.central import with_client_level_dp
 from fl_sim.privacy.ledger import PrivacyLedger, trainer_key
-from fl_sim.server.failures import (
-    WRITE_ERRORS, RunFailed, check_finite, failed_before, finite_or_null,
-    not_resumed, rounds_kept,
-)
+from fl_sim.server.checkpoints import Checkpoints, RunState, keep_rows_up_to
+from fl_sim.server.failures import WRITE_ERRORS, RunFailed, check_finite, finite_or_null
 from fl_sim.server.messaging import payload_bytes, sample_nodes, send_and_check, wait_for_clients
+from fl_sim.server.phases import Personalization, Synthesis
 from fl_sim.server.predictions import clear_predictions, save_predictions
-from fl_sim.server.run_log import RunLog, json_line, read_metrics, write_json_atomic
+from fl_sim.server.rows import log_clients, log_privacy, mean_row, train_row
+from fl_sim.server.run_log import RunLog, write_json_atomic
 from fl_sim.server.schedule import LRSchedule
 from fl_sim.strategies import build_strategy
 from fl_sim.strategies.registry import sample_size
 from fl_sim.task import build_model, load_data
-
-SPLITS = ("val", "test")
-log = logging.getLogger(__name__)
 
 
 class PhaseTimer:
@@ -76,75 +71,20 @@ class RoundReport:
     best_round: int
 
 
-@dataclass
-class RunState:
-    """Everything besides the weights and the strategy that a resumed run needs."""
-
-    round: int = 0
-    best_round: int = -1
-    best_score: float = float("-inf")
-    best: dict[str, Any] = field(default_factory=dict)
-    final: dict[str, Any] = field(default_factory=dict)
-    bytes_sent: int = 0
-    bytes_received: int = 0
-    round_seconds: list[float] = field(default_factory=list)
-    schedule: dict[str, Any] = field(default_factory=dict)  # LRSchedule.state()
-    stopped: dict[str, Any] | None = None  # {"round", "reason"} of an early stop
-    synthesis: dict[str, Any] = field(default_factory=dict)  # client -> cost and counts
-    personalized: dict[str, Any] = field(default_factory=dict)  # final/best -> client metrics
-    privacy: dict[str, Any] = field(default_factory=dict)  # PrivacyLedger.summary, last round
-
-
-def train_row(metrics: Any, n: int) -> dict[str, Any]:
-    """A `train` row from train_local's result (a client's reply metrics, or the dict):
-    with the device it trained on (`cuda_device`, -1 for the CPU) and its peak GPU memory."""
-    return {"n": n, "loss": float(metrics["train_loss"]), "acc": float(metrics["train_acc"]),
-            "steps": int(metrics["steps"]), "time_s": float(metrics["train_time_s"]),
-            "cuda_device": int(metrics["cuda_device"]), "gpu_peak_mb": float(metrics["gpu_peak_mb"])}
-
-
-def mean_row(rows: list[dict[str, Any]], keys: list[str] | None = None) -> dict[str, Any]:
-    """The example-weighted mean (by `n`) of rows' metrics, and their total `n`."""
-    weights = np.array([r["n"] for r in rows], dtype=float)
-    keys = keys or [k for k in rows[0] if k != "n"]
-    mean = {k: float(np.average([r[k] for r in rows], weights=weights)) for k in keys}
-    return {**mean, "n": int(weights.sum())}
-
-
-def split_rows(metrics: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """A client's `val_*` / `test_*` metrics as a row per split (`n` an integer)."""
-    rows = {}
-    for split in SPLITS:
-        prefix = f"{split}_"
-        rows[split] = {k[len(prefix):]: v for k, v in metrics.items() if k.startswith(prefix)}
-        rows[split]["n"] = int(rows[split]["n"])
-    return rows
-
-
-def results_config(resolved: dict) -> dict:
-    """What a resumed run must share with its checkpoint: all but `resources`, which only
-    schedules clients (a run started with num_cpus 1 may resume under `auto`). Both sides
-    pass through the current schema, so a checkpoint written before a key was added (or a
-    value spelt another way: `augment: true`) compares by what it means."""
-    try:
-        run_config = RunConfig.model_validate(resolved.get("run_config", {})).model_dump(
-            mode="json", exclude={"resources"})
-    except ValueError:  # not a run of this schema: compared as written, so never equal
-        run_config = resolved.get("run_config")
-    return {**resolved, "run_config": run_config}
-
-
 class FederatedRun:
     """One run of a study: strategy, global model, rounds, outputs in `run_dir`.
 
     The baselines (fl_sim.server.baselines) are subclasses that train in this process
-    instead of through Flower: they override `_initial`, `_train`, `_evaluate_clients` and
-    (local) `_global_eval`, and share everything else (rows, checkpoints, resume, summary).
+    instead of through Flower: they override `_initial`, `_train`, `_evaluate_clients`,
+    `_synthesis` and (local) `_global_eval`, and share everything else (rows, checkpoints,
+    resume, summary).
 
     After every round, `checkpoints/last.pt` holds the global weights, the pickled strategy
-    (FedAdam's moments, FedAvgM's momentum, ...) and the RunState, written atomically; a run
-    restarted after a crash continues from there. Clients draw their randomness from
-    (seed, client, round), so a resumed run repeats the uninterrupted one exactly on CPU.
+    (FedAdam's moments, FedAvgM's momentum, ...) and the RunState, written atomically
+    (fl_sim.server.checkpoints); a run restarted after a crash continues from there. Clients
+    draw their randomness from (seed, client, round), so a resumed run repeats the
+    uninterrupted one exactly on CPU. The phases before round 1 and after the last are
+    objects the loop calls (fl_sim.server.phases).
     """
 
     def __init__(self, study: StudyConfig, run: Run, run_dir: Path,
@@ -198,51 +138,40 @@ class FederatedRun:
         self.resolved = {"study": study.study, "run": run.name,
                          "data": study.data.model_dump(mode="json"),
                          "run_config": self.cfg.model_dump(mode="json")}
+        self.checkpoints = Checkpoints(run_dir, self.resolved, run.name, self.data.classes)
+        self.synthesis = self._synthesis() if self.cfg.synthesis is not None else None
+        self.personalization = (
+            Personalization(self.cfg.personalize.fine_tune_epochs, self.config,
+                            self.checkpoints, self._arrays_of)
+            if self.cfg.personalize is not None else None)
 
     # ------------------------------------------------------------------ start or resume
 
-    def _last_checkpoint(self) -> dict | None:
-        """checkpoints/last.pt of this run, None on a fresh start; refuses a run that failed
-        or one of another configuration."""
-        if failed := failed_before(self.run_dir):
-            raise FlSimError(not_resumed(self.run_dir, failed))
-        last = self.run_dir / "checkpoints" / "last.pt"
-        if not last.exists():
-            return None
-        ckpt = torch.load(last, weights_only=False, map_location="cpu")
-        if results_config(ckpt.get("config") or {}) != results_config(self.resolved):
-            raise FlSimError(
-                f"{self.run_dir} holds a run with another configuration; delete that folder "
-                "or change `out`/`study` to keep both.")
-        return ckpt
-
     def _start_or_resume(self, ckpt: dict | None) -> tuple[ArrayRecord, Any, RunState]:
         """Fresh weights and strategy, or those of the last completed round on disk; first
-        clears what a crash may have left (see `_save`)."""
-        folder = self.run_dir / "checkpoints"
-        for tmp in (*self.run_dir.glob("*.tmp"), *folder.glob("*.tmp")):
-            tmp.unlink()
+        clears what a crash may have left (see `Checkpoints.save`)."""
+        self.checkpoints.clear_temporaries()
         if ckpt is not None:
-            state = RunState(**ckpt["state"])
-            last, best = folder / "last.pt", folder / "best.pt"
-            if state.best_round == state.round and not (best.exists() and best.samefile(last)):
-                self._link_best(last)  # the crash came between last.pt and best.pt
-            self._keep_rows_up_to(state.round)
+            state = self.checkpoints.restore(ckpt)
             self._write_summary(state, done=False)  # it may lag the checkpoints by a round
             return (self._arrays_of(ckpt["state_dict"]), pickle.loads(ckpt["strategy"]), state)
         # A fresh start keeps nothing of an earlier one cut before its first checkpoint.
-        for stale in (*self.run_dir.glob("events.out.tfevents.*"), folder / "best.pt",
+        for stale in (*self.run_dir.glob("events.out.tfevents.*"), self.checkpoints.best,
                       self.run_dir / "summary.json"):
             stale.unlink(missing_ok=True)
         clear_predictions(self.run_dir)
-        folder.mkdir(parents=True, exist_ok=True)
+        self.checkpoints.folder.mkdir(parents=True, exist_ok=True)
         config = self.run_dir / "config.yaml"
         with RunLog.writing(config):
             config.write_text(yaml.safe_dump(self.resolved, sort_keys=False))
         with RunLog.writing(self.run_dir / "partition.csv"):
             self.data.write_manifest(self.run_dir / "partition.csv")
-        self._keep_rows_up_to(-1)
+        keep_rows_up_to(self.run_dir, -1)
         return *self._initial(), RunState()
+
+    def _synthesis(self) -> Synthesis:
+        """The synthesis phase (before round 1), through the clients."""
+        return Synthesis(self.config)
 
     def _initial(self) -> tuple[ArrayRecord, Any]:
         """The initial weights (the run's seeded model) and the strategy."""
@@ -271,59 +200,6 @@ class FederatedRun:
         """The whole model for a checkpoint: the round's arrays beside the frozen part, so
         best.pt and last.pt load into a model as they are."""
         return OrderedDict({**self.frozen, **to_state_dict(arrays)})
-
-    def _keep_rows_up_to(self, server_round: int) -> None:
-        """Drop metric rows of a round that was cut off (it will be repeated)."""
-        path = self.run_dir / "metrics.jsonl"
-        if path.exists():
-            rows = [r for r in read_metrics(self.run_dir) if r["round"] <= server_round]
-            tmp = path.with_suffix(".jsonl.tmp")
-            with RunLog.writing(path, tmp):
-                tmp.write_text("".join(json_line(r) for r in rows))
-                tmp.replace(path)
-
-    def _save(self, arrays: ArrayRecord, strategy: Any, state: RunState, is_best: bool) -> None:
-        """Round `state.round` into checkpoints/: everything is written before anything is
-        replaced, and renames commit it in an order that leaves the files consistent
-        wherever a crash comes:
-
-        1. last.pt.tmp, the whole checkpoint (a failed write removes it: nothing changed);
-        2. on a best round, best.pt.tmp: a hard link to it (a large model is written once;
-           the next round's last.pt is a new file and leaves best.pt as it is);
-        3. last.pt.tmp -> last.pt: the commit, what a resume starts from;
-        4. best.pt.tmp -> best.pt;
-        5. summary.json (execute), from the same state.
-
-        best.pt only ever holds a round that last.pt's state calls the best, and summary.json
-        never names a round before its files are in place. A crash between 3 and 4 leaves
-        best.pt, one between 4 and 5 summary.json, a round behind: a restart brings both up
-        to last.pt before anything else (`_start_or_resume`).
-        """
-        folder = self.run_dir / "checkpoints"
-        tmp, best_tmp = folder / "last.pt.tmp", folder / "best.pt.tmp"
-        with RunLog.writing(folder / "last.pt", tmp, best_tmp):
-            # Through a Python file, a full disk raises OSError (torch's own raises RuntimeError).
-            with open(tmp, "wb") as f:
-                torch.save({"round": state.round, "run": self.run.name,
-                            "classes": self.data.classes, "config": self.resolved,
-                            "state_dict": self._checkpoint_state(arrays),
-                            "strategy": pickle.dumps(strategy),
-                            "state": dataclasses.asdict(state)}, f)
-            if is_best:
-                os.link(tmp, best_tmp)
-            os.replace(tmp, folder / "last.pt")
-        self._saved_round, self._pending_round = state.round, None
-        if is_best:
-            self._link_best(best_tmp)
-
-    def _link_best(self, source: Path) -> None:
-        """best.pt becomes (a hard link to) `source`, by rename."""
-        best = self.run_dir / "checkpoints" / "best.pt"
-        tmp = best.with_suffix(".pt.tmp")
-        with RunLog.writing(best, tmp):
-            if source != tmp:
-                os.link(source, tmp)
-            os.replace(tmp, best)
 
     # ------------------------------------------------------------------ steps
 
@@ -370,81 +246,6 @@ class FederatedRun:
                     for node in grid.get_node_ids()]
         return self._exchange(messages, grid, action, server_round, state)
 
-    def _synthesize(self, arrays: ArrayRecord, grid: Grid, state: RunState,
-                    run_log: RunLog) -> dict:
-        """Rare-class synthesis before round 1: every client trains its GAN on its own train
-        split (or reads its cache). What comes back: per client the seconds it took, the
-        images generated per class, and a sample grid for TensorBoard."""
-        log.info("synthesis: each client trains its GAN on its own train split (minutes on a "
-                 "CPU; a later run or resume reads the client's cache)")
-        replies = self._query(grid, "synthesize", RecordDict({"config": self.config}), 0, state)
-        return self._log_synthesis(
-            [(dict(r.content["metrics"]), to_state_dict(r.content["arrays"])["samples"].numpy()
-              if "arrays" in r.content else None) for r in replies], run_log)
-
-    def _log_synthesis(self, reports: list[tuple[dict, np.ndarray | None]],
-                       run_log: RunLog) -> dict:
-        """summary.json's `synthesis` (client -> seconds, from_cache, generated per class)
-        from the clients' reports (metrics, sample grid); the grids go to TensorBoard."""
-        summary = {}
-        for metrics, samples in reports:
-            client = int(metrics["partition-id"])
-            summary[str(client)] = {
-                "seconds": metrics["synthesis_s"], "from_cache": bool(metrics["from_cache"]),
-                "generated": {k.removeprefix("generated_"): int(v) for k, v in metrics.items()
-                              if k.startswith("generated_")}}
-            if samples is not None:
-                run_log.image(f"synthesis/client{client}", samples, 0)
-            made = summary[str(client)]
-            log.info("synthesis: client %d %s %s in %.0f s", client,
-                     "read" if made["from_cache"] else "generated",
-                     ", ".join(f"{n} {c}" for c, n in made["generated"].items()) or "nothing",
-                     made["seconds"])
-        return summary
-
-    def _personalize(self, final: ArrayRecord, grid: Grid, state: RunState,
-                     run_log: RunLog) -> dict:
-        """Every client fine-tunes the final and the best global model on its own train
-        split and reports the personalized model's val/test metrics: rows of scope
-        `personalized` at the model's round, and summary.json's `personalized`."""
-        epochs = self.cfg.personalize.fine_tune_epochs
-        log.info("personalize: every client fine-tunes the final and the best model for %d "
-                 "epoch(s) on its own train split", epochs)
-        models = {"final": (state.round, final)}
-        if state.best_round != state.round:
-            best = torch.load(self.run_dir / "checkpoints" / "best.pt", weights_only=False,
-                              map_location="cpu")
-            models["best"] = (state.best_round, self._arrays_of(best["state_dict"]))
-        report: dict[str, Any] = {"fine_tune_epochs": epochs}
-        for which, (server_round, arrays) in models.items():
-            content = RecordDict({"arrays": arrays, "config": ConfigRecord(
-                {**self.config, "server-round": server_round})})
-            replies = self._query(grid, "personalize", content, server_round, state)
-            clients = {str(int(m["partition-id"])): split_rows(m)
-                       for m in (dict(reply.content["metrics"]) for reply in replies)}
-            report[which] = {"round": server_round, "clients": clients,
-                             "mean_test": mean_row([c["test"] for c in clients.values()])}
-        # Rows only once every reply is in: a run cut here personalizes again, whole.
-        for which in models:
-            for client, splits in report[which]["clients"].items():
-                for split, row in splits.items():
-                    run_log.row(report[which]["round"], "personalized", int(client), split, row)
-        report.setdefault("best", report["final"])  # the best round was the last
-        return report
-
-    def _log_clients(self, server_round: int, evaluations: list[dict], log: RunLog) -> dict:
-        """Per-client val/test rows from each client's `partition-id`, `val_*` and `test_*`
-        metrics; returns (and logs) the example-weighted mean of the clients' val metrics."""
-        val_rows = []
-        for metrics in evaluations:
-            for split, row in split_rows(metrics).items():
-                log.row(server_round, "client", int(metrics["partition-id"]), split, row)
-                if split == "val":
-                    val_rows.append(row)
-        federated = mean_row(val_rows)
-        log.row(server_round, "federated", None, "val", federated)
-        return federated
-
     def _train(self, server_round: int, arrays: ArrayRecord, strategy: Any, grid: Grid,
                state: RunState, phase: PhaseTimer) -> tuple[ArrayRecord, dict[int | None, dict]]:
         """One round of training: the new weights and a train row per client (key None: a
@@ -466,19 +267,6 @@ class FederatedRun:
                              f"nothing.{why}")
         phase("aggregate")
         return arrays, rows
-
-    def _log_privacy(self, server_round: int, privacy: dict[str, Any], log: RunLog) -> None:
-        """Rows of scope `privacy`: the ε of each level (split) after the round, and under
-        DP-SGD each client's own."""
-        for level in ("client_level", "sample_level"):
-            if level in privacy:
-                spent = privacy[level]
-                log.row(server_round, "privacy", None, level,
-                        {"epsilon": spent["epsilon"], "delta": privacy["delta"]})
-                for trainer, epsilon in spent.get("clients", {}).items():
-                    if trainer != "pooled":  # the pooled model's is the row above
-                        log.row(server_round, "privacy", int(trainer), level,
-                                {"epsilon": epsilon, "delta": privacy["delta"]})
 
     def _evaluate_clients(self, server_round: int, arrays: ArrayRecord, strategy: Any,
                           grid: Grid, state: RunState) -> list[dict]:
@@ -508,7 +296,7 @@ class FederatedRun:
         if self.ledger is not None:
             self.ledger.book({client: row["n"] for client, row in rows.items()})
             state.privacy = self.ledger.summary(strategy)
-            self._log_privacy(server_round, state.privacy, log)
+            log_privacy(server_round, state.privacy, log)
         for client, row in rows.items():
             if client is not None:
                 log.row(server_round, "client", client, "train", row)
@@ -516,7 +304,7 @@ class FederatedRun:
         log.row(server_round, "federated", None, "train", federated_train)
 
         evaluations = self._evaluate_clients(server_round, arrays, strategy, grid, state)
-        federated_val = self._log_clients(server_round, evaluations, log)
+        federated_val = log_clients(server_round, evaluations, log)
         phase("client_eval")
         global_test = self._global_eval(server_round, arrays, log)
         phase("global_eval")
@@ -530,12 +318,12 @@ class FederatedRun:
         folder) stops it with a paragraph that says what is intact, and leaves no temporary
         file. Whatever stops it (also Ctrl-C: `stop_requested`, a failed client) takes back
         the rows of the round it cut: a rerun resumes from the last saved round."""
-        ckpt = self._last_checkpoint()
+        ckpt = self.checkpoints.load_last()
         # The round last.pt holds, and the one being written and not saved yet (if any).
         saved = ckpt["state"] if ckpt else {"round": 0, "stopped": None}
-        self._saved_round = saved["round"]
-        self._pending_round = (None if saved["round"] == self.cfg.rounds or saved["stopped"]
-                               else saved["round"] + 1)
+        self.checkpoints.saved_round = saved["round"]
+        self.checkpoints.pending_round = (
+            None if saved["round"] == self.cfg.rounds or saved["stopped"] else saved["round"] + 1)
         try:
             arrays, strategy, state = self._start_or_resume(ckpt)
             log = RunLog(self.run_dir, purge_step=state.round + 1 if state.round else None)
@@ -545,7 +333,7 @@ class FederatedRun:
                 # metrics.jsonl keeps the saved rounds only; the error in flight is the one
                 # to report, not one of these.
                 with contextlib.suppress(OSError):
-                    if self._pending_round is not None:
+                    if self.checkpoints.pending_round is not None:
                         log.rollback()
                 with contextlib.suppress(OSError):
                     log.close()
@@ -555,20 +343,7 @@ class FederatedRun:
         except OSError as err:
             if err.errno not in WRITE_ERRORS:
                 raise
-            raise FlSimError(self._write_error(err)) from None
-
-    def _write_error(self, err: OSError) -> str:
-        """One paragraph: the file, what was not saved, what is intact, what to do."""
-        reason = err.strerror or os.strerror(err.errno)
-        what = f"{reason[:1].lower()}{reason[1:]} while writing {err.filename or self.run_dir}"
-        remedy = WRITE_ERRORS[err.errno]
-        if self._pending_round is None:
-            return (f"{what}; {rounds_kept(self._saved_round)} (checkpoints/last.pt), but not "
-                    f"every record after round {self._saved_round}: {remedy} and run the same "
-                    "command again, it completes them.")
-        return (f"{what}; round {self._pending_round} was not saved; "
-                f"{rounds_kept(self._saved_round)}. {remedy[:1].upper()}{remedy[1:]} and run "
-                f"the same command again: it resumes from round {self._pending_round}.")
+            raise FlSimError(self.checkpoints.write_error(err)) from None
 
     def _rounds(self, arrays: ArrayRecord, strategy: Any, state: RunState, grid: Grid | None,
                 log: RunLog) -> dict:
@@ -579,9 +354,10 @@ class FederatedRun:
                        if self.cfg.privacy else None)
         if self.ledger is not None and not state.privacy:
             state.privacy = self.ledger.summary(strategy)  # nothing spent yet
+        query = functools.partial(self._query, grid, state=state)  # a phase's way to the clients
         if state.round == 0:
-            if self.cfg.synthesis is not None:
-                state.synthesis = self._synthesize(arrays, grid, state, log)
+            if self.synthesis is not None:
+                state.synthesis = self.synthesis(query, log)
             self._global_eval(0, arrays, log)
             log.commit()  # round 0 (the initial model) stays, whatever stops round 1
         for server_round in range(state.round + 1, self.cfg.rounds + 1):
@@ -590,7 +366,7 @@ class FederatedRun:
             if self.ledger is not None and (overspend := self.ledger.overspend(strategy)):
                 state.stopped = {"round": server_round - 1, "reason": overspend}
                 break
-            self._pending_round = server_round
+            self.checkpoints.pending_round = server_round
             t0 = time.perf_counter()
             sent, received = state.bytes_sent, state.bytes_received
             try:
@@ -611,7 +387,7 @@ class FederatedRun:
             if is_best:
                 state.best_round, state.best_score, state.best = server_round, score, record
             state.round_seconds.append(time.perf_counter() - t0)
-            self._save(arrays, strategy, state, is_best)
+            self.checkpoints.save(self._checkpoint_state(arrays), strategy, state, is_best)
             log.commit()
             # The round's time includes its checkpoint (a resumed run keeps the time
             # measured just before the write).
@@ -623,9 +399,9 @@ class FederatedRun:
             if self.on_round:
                 self.on_round(RoundReport(server_round, self.cfg.rounds, seconds, global_test,
                                           federated_val, state.best_round))
-        self._pending_round = None  # an early stop's next round never starts
-        if self.cfg.personalize is not None and not state.personalized and state.round:
-            state.personalized = self._personalize(arrays, grid, state, log)
+        self.checkpoints.pending_round = None  # an early stop's next round never starts
+        if self.personalization is not None and not state.personalized and state.round:
+            state.personalized = self.personalization(arrays, query, state, log)
             log.commit()
         summary = self._write_summary(state, done=True)
         log.hparams(hparams_of(self.cfg), {

@@ -1,0 +1,101 @@
+"""The phases of a run besides its rounds, each an object the round loop calls: synthesis
+(a `query.synthesize` before round 1) and personalization (`query.personalize` after the
+last). A phase reaches the clients through the loop's `Query`, which counts the bytes and
+bounds the waits as a round's exchanges do."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+
+from fl_sim.arrays import to_state_dict
+from fl_sim.server.checkpoints import Checkpoints, RunState
+from fl_sim.server.rows import mean_row, split_rows
+from fl_sim.server.run_log import RunLog
+
+log = logging.getLogger(__name__)
+
+Query = Callable[[str, RecordDict, int], list[Message]]
+"""(action, content, server_round) -> the replies of every connected client to `content`,
+sent as a `query.<action>` message."""
+
+SynthesisReport = tuple[dict[str, Any], np.ndarray | None]
+"""A client's synthesis metrics (`partition-id`, `synthesis_s`, `from_cache`,
+`generated_<class>`) and its grid of sample images, if any."""
+
+
+class Synthesis:
+    """Rare-class synthesis before round 1: every client trains its GAN on its own train
+    split (or reads its cache). What comes back: per client the seconds it took, the
+    images generated per class, and a sample grid for TensorBoard."""
+
+    def __init__(self, config: ConfigRecord) -> None:
+        self.config = config  # the run's, as every message carries it
+
+    def __call__(self, query: Query, run_log: RunLog) -> dict:
+        log.info("synthesis: each client trains its GAN on its own train split (minutes on a "
+                 "CPU; a later run or resume reads the client's cache)")
+        replies = query("synthesize", RecordDict({"config": self.config}), 0)
+        return log_synthesis(
+            [(dict(r.content["metrics"]), to_state_dict(r.content["arrays"])["samples"].numpy()
+              if "arrays" in r.content else None) for r in replies], run_log)
+
+
+def log_synthesis(reports: list[SynthesisReport], run_log: RunLog) -> dict:
+    """summary.json's `synthesis` (client -> seconds, from_cache, generated per class)
+    from the clients' reports (metrics, sample grid); the grids go to TensorBoard."""
+    summary = {}
+    for metrics, samples in reports:
+        client = int(metrics["partition-id"])
+        summary[str(client)] = {
+            "seconds": metrics["synthesis_s"], "from_cache": bool(metrics["from_cache"]),
+            "generated": {k.removeprefix("generated_"): int(v) for k, v in metrics.items()
+                          if k.startswith("generated_")}}
+        if samples is not None:
+            run_log.image(f"synthesis/client{client}", samples, 0)
+        made = summary[str(client)]
+        log.info("synthesis: client %d %s %s in %.0f s", client,
+                 "read" if made["from_cache"] else "generated",
+                 ", ".join(f"{n} {c}" for c, n in made["generated"].items()) or "nothing",
+                 made["seconds"])
+    return summary
+
+
+class Personalization:
+    """Every client fine-tunes the final and the best global model on its own train
+    split and reports the personalized model's val/test metrics: rows of scope
+    `personalized` at the model's round, and summary.json's `personalized`."""
+
+    def __init__(self, fine_tune_epochs: int, config: ConfigRecord, checkpoints: Checkpoints,
+                 arrays_of: Callable[[dict], ArrayRecord]) -> None:
+        self.epochs, self.config = fine_tune_epochs, config
+        # The best model, when it is not the final one, from best.pt's whole model.
+        self.checkpoints, self.arrays_of = checkpoints, arrays_of
+
+    def __call__(self, final: ArrayRecord, query: Query, state: RunState,
+                 run_log: RunLog) -> dict:
+        log.info("personalize: every client fine-tunes the final and the best model for %d "
+                 "epoch(s) on its own train split", self.epochs)
+        models = {"final": (state.round, final)}
+        if state.best_round != state.round:
+            best = self.checkpoints.load_best()
+            models["best"] = (state.best_round, self.arrays_of(best["state_dict"]))
+        report: dict[str, Any] = {"fine_tune_epochs": self.epochs}
+        for which, (server_round, arrays) in models.items():
+            content = RecordDict({"arrays": arrays, "config": ConfigRecord(
+                {**self.config, "server-round": server_round})})
+            replies = query("personalize", content, server_round)
+            clients = {str(int(m["partition-id"])): split_rows(m)
+                       for m in (dict(reply.content["metrics"]) for reply in replies)}
+            report[which] = {"round": server_round, "clients": clients,
+                             "mean_test": mean_row([c["test"] for c in clients.values()])}
+        # Rows only once every reply is in: a run cut here personalizes again, whole.
+        for which in models:
+            for client, splits in report[which]["clients"].items():
+                for split, row in splits.items():
+                    run_log.row(report[which]["round"], "personalized", int(client), split, row)
+        report.setdefault("best", report["final"])  # the best round was the last
+        return report
