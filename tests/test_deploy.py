@@ -240,7 +240,18 @@ def test_insecure_federation_runs_two_rounds_over_grpc(federation, tmp_path, cap
     assert cli_main(["run", str(simulated)]) == 0
     summary = json.loads((tmp_path / "sim/deploy" / run_dir.name / "summary.json").read_text())
     for when in ("final", "best"):
-        assert summary[when] == deployed[when]
+        assert summary[when].keys() == deployed[when].keys()
+        for scope, value in summary[when].items():
+            if not isinstance(value, dict):
+                assert value == deployed[when][scope]
+                continue
+            assert value.keys() == deployed[when][scope].keys(), scope
+            for key, number in value.items():
+                # Decisions and loss to the last digit; the probability-based clinical
+                # metrics (AUROC, ECE) may differ in the last bits between processes.
+                exact = key in ("n", "loss", "acc", "bacc", "precision", "recall", "f1", "avg")
+                assert number == (deployed[when][scope][key] if exact else pytest.approx(
+                    deployed[when][scope][key], rel=1e-9, abs=1e-12, nan_ok=True)), (scope, key)
     assert summary["bytes_sent"] == deployed["bytes_sent"]  # the packed wire counts as unpacked
 
 
