@@ -248,10 +248,11 @@ def test_insecure_federation_runs_two_rounds_over_grpc(federation, tmp_path, cap
             assert value.keys() == deployed[when][scope].keys(), scope
             for key, number in value.items():
                 # Decisions and loss to the last digit; the probability-based clinical
-                # metrics (AUROC, ECE) may differ in the last bits between processes.
-                exact = key in ("n", "loss", "acc", "bacc", "precision", "recall", "f1", "avg")
+                # metrics (AUROC, ECE) rest on float32 probabilities, whose last bits differ between processes.
+                exact = key in ("n", "loss", "acc", "bacc", "precision", "recall", "f1", "avg") or (
+                    number is None or deployed[when][scope][key] is None)  # null: an absent class
                 assert number == (deployed[when][scope][key] if exact else pytest.approx(
-                    deployed[when][scope][key], rel=1e-9, abs=1e-12, nan_ok=True)), (scope, key)
+                    deployed[when][scope][key], rel=1e-6, abs=1e-9)), (scope, key)
     assert summary["bytes_sent"] == deployed["bytes_sent"]  # the packed wire counts as unpacked
 
 
