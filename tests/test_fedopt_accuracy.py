@@ -45,100 +45,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import strategy as fl
-from flwr.supercore.task_identity import TaskIdentity
-from torch import nn
+from toy_federation import CLIENTS, federated_accuracy, make_data, make_model, one_thread  # noqa: F401
 
 from fl_sim.config import StrategyConfig
 from fl_sim.strategies import build_strategy
 
-CLASSES, SIZE, CLIENTS = 4, 8, 4
-ROUNDS, LOCAL_STEPS, BATCH, CLIENT_LR = 20, 5, 32, 0.05
 ETA, TAU = 0.01, 1e-3
-OFFSET, SIGNAL, NOISE, SKEW = 4.0, 0.25, 1.5, 0.15  # x = OFFSET + SIGNAL * (pattern + NOISE * z)
-TRAIN_PER_CLIENT, TEST = 160, 1000
 MARGIN = 0.05  # fl-sim's FedAdam / FedYogi: at least FedAvg's accuracy minus this
 WORSE = 0.1  # Flower's FedAdam: at most FedAvg's accuracy minus this
-
-
-def make_data(seed: int) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], tuple]:
-    """Each client's (x, y), mostly its two classes; and an iid held-out set."""
-    g = torch.Generator().manual_seed(seed)
-    patterns = torch.randn(CLASSES, 1, SIZE, SIZE, generator=g)
-
-    def draw(n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        y = torch.randint(0, CLASSES, (n,), generator=g)
-        x = OFFSET + SIGNAL * (patterns[y] + NOISE * torch.randn(n, 1, SIZE, SIZE, generator=g))
-        return x, y
-
-    clients = []
-    for i in range(CLIENTS):
-        x, y = draw(3 * TRAIN_PER_CLIENT)
-        keep_p = torch.full((CLASSES,), SKEW)
-        keep_p[[i % CLASSES, (i + 1) % CLASSES]] = 1.0
-        keep = torch.rand(len(y), generator=g) < keep_p[y]
-        assert keep.sum() >= TRAIN_PER_CLIENT
-        clients.append((x[keep][:TRAIN_PER_CLIENT], y[keep][:TRAIN_PER_CLIENT]))
-    return clients, draw(TEST)
-
-
-def make_model(seed: int) -> nn.Module:
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        return nn.Sequential(
-            nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-            nn.Conv2d(8, 8, 3, padding=1, stride=2), nn.BatchNorm2d(8), nn.ReLU(),
-            nn.Flatten(), nn.Linear(8 * (SIZE // 2) ** 2, CLASSES))
-
-
-class Grid:
-    """All that `configure_train` asks of a grid."""
-
-    def get_node_ids(self) -> list[int]:
-        return list(range(CLIENTS))
-
-
-def federated_accuracy(strategy: fl.FedAvg, seed: int) -> tuple[float, nn.Module]:
-    """ROUNDS rounds of `strategy` over the clients of `seed`: the global model's held-out
-    accuracy (eval mode: the running statistics the server sent) and the model."""
-    clients, (x_test, y_test) = make_data(seed)
-    model, local = make_model(seed), make_model(seed)
-    batches = torch.Generator().manual_seed(seed + 1)
-    optimizer = torch.optim.SGD(local.parameters(), lr=CLIENT_LR)
-    arrays = ArrayRecord(model.state_dict())
-    for rnd in range(1, ROUNDS + 1):
-        list(strategy.configure_train(rnd, arrays, ConfigRecord(), Grid()))  # FedOpt keeps x_t
-        sent = arrays.to_torch_state_dict()
-        replies = []
-        for node, (x, y) in enumerate(clients):
-            local.load_state_dict(sent)
-            local.train()
-            for _ in range(LOCAL_STEPS):
-                idx = torch.randint(0, len(y), (BATCH,), generator=batches)
-                optimizer.zero_grad()
-                nn.functional.cross_entropy(local(x[idx]), y[idx]).backward()
-                optimizer.step()
-            replies.append(Message(RecordDict({
-                "arrays": ArrayRecord(local.state_dict()),
-                "metrics": MetricRecord({"num-examples": len(y), "unit-weight": 1.0})}),
-                reply_to=Message(RecordDict(), dst_node_id=node, message_type="train")))
-        arrays, _ = strategy.aggregate_train(rnd, replies)
-    model.load_state_dict(arrays.to_torch_state_dict())
-    model.eval()
-    with torch.no_grad():
-        return (model(x_test).argmax(1) == y_test).float().mean().item(), model
-
-
-@pytest.fixture
-def one_thread(monkeypatch):
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)  # Messages are built outside a ServerApp
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

@@ -7,6 +7,7 @@ config may name its partition (`partition-id`) and its local data (`data-root`).
 
 from __future__ import annotations
 
+import copy
 import functools
 import time
 from collections import OrderedDict
@@ -16,6 +17,9 @@ from flwr.clientapp import ClientApp
 
 from fl_sim.arrays import is_packed, pack, to_state_dict
 from fl_sim.client import fedbn, scaffold
+from fl_sim.adversary import (
+    SAT_OUT, alie_shards, flip_labels, hostile_clients, poisoned_reply, sitting_out,
+)
 from fl_sim.client.train import optimizer_kwargs, train_local
 from fl_sim.client.train_split import client_synthesis, synthesis_report, train_split
 from fl_sim.config import DataConfig, GlobalTestConfig, PartitionConfig, RunConfig
@@ -127,28 +131,54 @@ def _reply(msg: Message, partition_id: int, num_examples: int, metrics: dict,
 def train(msg: Message, context: Context) -> Message:
     config, run_cfg, data_cfg, data, model, preprocess, partition, pid = _setup(msg, context)
     server_round = int(config["server-round"])
+    if run_cfg.availability and pid in sitting_out(run_cfg.availability, run_cfg.seed,
+                                                   server_round, data.num_clients):
+        return _reply(msg, pid, 0, {SAT_OUT: 1.0})
+    adversary = run_cfg.adversary
+    if adversary and pid not in hostile_clients(adversary, data.num_clients, run_cfg.seed):
+        adversary = None
+    attack_rng = client_rng(run_cfg.seed, pid, server_round, stream=4)
     images, labels, indices = train_split(data, [partition], run_cfg, data_cfg, preprocess.device)
+    if adversary and adversary.attack == "label_flip":
+        labels = flip_labels(labels, indices, len(data.classes), adversary.resolved_strength,
+                             attack_rng)
     lr = float(config["lr"]) if "lr" in config else optimizer_kwargs(run_cfg.optimizer)["lr"]
     control = None
     if run_cfg.strategy.name == "scaffold":
         server_control = scaffold.split(to_state_dict(msg.content["arrays"]))[1]
         control = scaffold.ClientControl(model, server_control, context.state,
                                          str(config["run-config"]))
+
+    def fit(rows):
+        return train_local(
+            model, images, labels, rows, preprocess, run_cfg,
+            rng=client_rng(run_cfg.seed, pid, server_round, stream=0),
+            proximal_mu=float(config.get("proximal-mu", 0.0)), lr=lr,
+            gradient_correction=control.correction() if control else None)
+
     start = time.perf_counter()
-    result = train_local(
-        model, images, labels, indices, preprocess, run_cfg,
-        rng=client_rng(run_cfg.seed, pid, server_round, stream=0),
-        proximal_mu=float(config.get("proximal-mu", 0.0)), lr=lr,
-        gradient_correction=control.correction() if control else None,
-    )
+    estimates = []
+    if adversary and adversary.attack == "alie":  # models on shares of its data, no honest one
+        initial = copy.deepcopy(model.state_dict())
+        for shard in alie_shards(indices, attack_rng):
+            model.load_state_dict(initial)
+            result = fit(shard)
+            estimates.append(copy.deepcopy(travelling_state(model)))
+    else:
+        result = fit(indices)
     result["train_time_s"] = time.perf_counter() - start
     if run_cfg.strategy.name == "fedbn":
         fedbn.keep_own(model, context.state, str(config["run-config"]))
     trained = travelling_state(model)  # the trainable part only, under finetune
+    sent = scaffold.split(to_state_dict(msg.content["arrays"]))[0]
     if wants_clipping(config):  # client-level DP, clipped here (privacy.client_level.clipping)
-        trained, was_clipped = clip_update(to_state_dict(msg.content["arrays"]), trained, config)
+        trained, was_clipped = clip_update(sent, trained, config)
         if run_cfg.privacy.client_level.adaptive:  # the count that moves the norm
             result[NORM_BIT] = float(was_clipped)
+    if adversary and adversary.attack != "label_flip":  # a hostile client clips nothing
+        trained = poisoned_reply(sent, trained, [name for name, p in model.named_parameters()
+                                                 if p.requires_grad and name in trained],
+                                 adversary, attack_rng, estimates)
     # SCAFFOLD's Δc_i beside the weights.
     arrays = ArrayRecord(OrderedDict([*trained.items(), *(
         control.finish(model, result["steps"], lr).items() if control else ())]))

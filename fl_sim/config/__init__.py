@@ -3,7 +3,7 @@ the names and labels of its runs (naming.py)."""
 
 from fl_sim.config.naming import proximal_mu, recipe_label, run_labels, run_name
 from fl_sim.config.schema import (
-    BASELINES, AugmentConfig, ClipConfig, DataConfig, FinetuneConfig, GlobalTestConfig,
+    BASELINES, AdversaryConfig, AugmentConfig, AvailabilityConfig, ClipConfig, DataConfig, FinetuneConfig, GlobalTestConfig,
     LossConfig, LRScheduleConfig, ModelConfig, OptimizerConfig, PartitionConfig,
     PersonalizeConfig, PrivacyConfig, ResourcesConfig, Run, RunConfig, StrategyConfig, StudyConfig,
     SynthesisConfig,
@@ -11,7 +11,7 @@ from fl_sim.config.schema import (
 from fl_sim.config.study import expand_grid, format_validation_error, load_study
 
 __all__ = [
-    "BASELINES", "AugmentConfig", "ClipConfig", "DataConfig", "FinetuneConfig",
+    "BASELINES", "AdversaryConfig", "AugmentConfig", "AvailabilityConfig", "ClipConfig", "DataConfig", "FinetuneConfig",
     "GlobalTestConfig", "LossConfig", "LRScheduleConfig", "ModelConfig", "OptimizerConfig",
     "PartitionConfig", "PersonalizeConfig", "PrivacyConfig", "ResourcesConfig", "Run", "RunConfig",
     "StrategyConfig", "StudyConfig", "SynthesisConfig", "expand_grid", "format_validation_error",

@@ -11,7 +11,8 @@ from fl_sim.config.schema import BASELINES, RunConfig, StrategyConfig
 
 # Grid keys that run_name spells out; other varying scalars are appended as `<key><value>`.
 NAMED_KEYS = {"strategy", "model", "finetune", "optimizer", "training", "clip", "seed", "loss",
-              "synthesis", "personalize", "privacy", "sampler", "lr_schedule"}
+              "synthesis", "personalize", "privacy", "sampler", "lr_schedule", "adversary",
+              "availability"}
 
 
 def proximal_mu(strategy: StrategyConfig) -> float:
@@ -74,9 +75,20 @@ def privacy_tag(cfg: RunConfig) -> str:
     return "-".join(parts)
 
 
+def adversary_tag(cfg: RunConfig) -> str:
+    """e.g. `signflip10-c2` (client 2 sends -10 x its update), `alie1-f0.2` (a fifth of the
+    clients); '' without an adversary."""
+    adv = cfg.adversary
+    if adv is None:
+        return ""
+    who = (f"c{'.'.join(map(str, adv.clients))}" if adv.clients is not None
+           else f"f{adv.fraction:g}")
+    return f"{adv.attack.replace('_', '')}{adv.resolved_strength:g}-{who}"
+
+
 def recipe_parts(cfg: RunConfig) -> list[str]:
     """The training recipe where it differs from the defaults: loss, synthesis,
-    personalization, privacy, sampler, lr schedule."""
+    personalization, privacy, sampler, lr schedule, hostile and absent clients."""
     parts = []
     loss = cfg.loss
     if loss.name != "ce" or loss.label_smoothing:
@@ -98,6 +110,10 @@ def recipe_parts(cfg: RunConfig) -> list[str]:
         parts.append(cfg.sampler)
     if cfg.lr_schedule.name != "constant":
         parts.append(cfg.lr_schedule.name)
+    if cfg.adversary is not None:
+        parts.append(adversary_tag(cfg))
+    if cfg.availability is not None:  # e.g. drop0.5
+        parts.append(f"drop{cfg.availability.dropout:g}")
     return parts
 
 

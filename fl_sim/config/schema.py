@@ -322,6 +322,48 @@ class PrivacyConfig(Strict):
 CLIENT_LEVEL_DP_STRATEGIES = ("fedavg", "fedprox", "fedbn")
 
 
+# Each attack's `strength` where the study file gives none (docs/robustness.md).
+ATTACK_STRENGTH = {"label_flip": 1.0, "sign_flip": 1.0, "gaussian": 10.0, "scale": 10.0,
+                   "alie": 1.0}
+
+
+class AdversaryConfig(Strict):
+    """Hostile clients, in simulation: they train or reply as `attack` says (docs/robustness.md)."""
+
+    clients: list[int] | None = Field(
+        None, min_length=1, description="the hostile clients' partition ids (or `fraction`)")
+    fraction: float | None = Field(
+        None, gt=0, lt=1, description="this share of the clients, drawn by seed (at least one)")
+    attack: Literal["label_flip", "sign_flip", "gaussian", "scale", "alie"] = Field(
+        ..., description="label_flip: train on flipped labels; sign_flip / scale: send "
+                         "-strength x / strength x the update; gaussian: noise of strength x "
+                         "the update's spread; alie: mean - strength x std of own estimates")
+    strength: float | None = Field(None, gt=0, description="see attack (default per attack)")
+
+    @model_validator(mode="after")
+    def _who(self) -> AdversaryConfig:
+        if (self.clients is None) == (self.fraction is None):
+            raise ValueError("adversary names its clients by `clients: [ids]` or "
+                             "`fraction: share`, one of the two")
+        if self.clients is not None and min(self.clients) < 0:
+            raise ValueError("adversary.clients are partition ids, from 0")
+        if self.attack == "label_flip" and self.strength is not None and self.strength > 1:
+            raise ValueError("label_flip's strength is the share of labels flipped, at most 1")
+        return self
+
+    @property
+    def resolved_strength(self) -> float:
+        return ATTACK_STRENGTH[self.attack] if self.strength is None else self.strength
+
+
+class AvailabilityConfig(Strict):
+    """Clients that are sometimes away, in simulation."""
+
+    dropout: float = Field(
+        ..., ge=0, lt=1, description="each client sits out a round's training with this "
+                                     "probability, seeded by (seed, round); at least one trains")
+
+
 class ResourcesConfig(Strict):
     """Per simulated client, handed to Flower's Ray backend (scheduling hints, not limits)."""
 
@@ -419,10 +461,15 @@ class RunConfig(Strict):
     selection_metric: Literal["acc", "bacc", "precision", "recall", "f1", "avg", "loss"] = Field(
         "avg", description="validation metric that picks the best round (never test)"
     )
+    adversary: AdversaryConfig | None = Field(
+        None, description="hostile clients, in simulation (null: none)")
+    availability: AvailabilityConfig | None = Field(
+        None, description="clients that sit out rounds, in simulation (null: all train)")
     resources: ResourcesConfig = ResourcesConfig()
     min_clients: int | None = Field(
         None, ge=1, description="clients that must connect, and reply each round (default: "
-                                "all of them; of a sample, at most its size)"
+                                "all of them, or 1 with availability; of a sample, at most "
+                                "its size)"
     )
     round_timeout_s: float = Field(
         3600, gt=0, description="longest wait for replies, or for enough clients to connect"
@@ -469,6 +516,17 @@ class RunConfig(Strict):
                 raise ValueError(
                     f"privacy.sample_level (DP-SGD) does not combine with {clash[0]}: its "
                     "guarantee covers per-image clipped, noised gradients only (docs/privacy.md)")
+        return self
+
+    @model_validator(mode="after")
+    def _clients_are_federated(self) -> RunConfig:
+        for key in ("adversary", "availability"):
+            if getattr(self, key) is not None and self.strategy.name in BASELINES:
+                raise ValueError(f"{key} acts on the clients of a federated round; "
+                                 f"{self.strategy.name!r} has none")
+        if self.availability and self.privacy and self.privacy.client_level:
+            raise ValueError("availability drops clients from rounds, but privacy.client_level "
+                             "calibrates its noise to every sampled client replying")
         return self
 
     @model_validator(mode="after")

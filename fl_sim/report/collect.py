@@ -201,7 +201,8 @@ def _varying_settings(configs: list[dict[str, Any]]) -> pd.DataFrame:
 # Run settings that `recipe_label` spells in a few letters (`wce-cosine`).
 _RECIPE_PREFIXES = ("run_config.loss.", "run_config.synthesis", "run_config.personalize",
                     "run_config.privacy", "run_config.sampler",
-                    "run_config.lr_schedule.")
+                    "run_config.lr_schedule.", "run_config.adversary",
+                    "run_config.availability")
 
 
 def _recipe_tags(settings: pd.DataFrame, configs: list[dict[str, Any]]) -> pd.DataFrame:

@@ -23,6 +23,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 from sklearn.metrics import confusion_matrix
 
+from fl_sim.adversary import hostile_clients
 from fl_sim.arrays import to_state_dict
 from fl_sim.client.fedbn import GLOBAL_BATCHNORM, batchnorm_keys
 from fl_sim.client.train import optimizer_kwargs
@@ -114,7 +115,11 @@ class FederatedRun:
         if len(self.data.indices("global", "test")) == 0:
             raise FlSimError("the server has no global test set (data.global_test.source: none "
                              "is for a SuperNode's own data): use holdout or isic2018.")
-        self.min_clients = self.cfg.min_clients or self.data.num_clients
+        # With availability, a round carries on with whoever trains (at least one does).
+        self.min_clients = self.cfg.min_clients or (
+            1 if self.cfg.availability else self.data.num_clients)
+        self.hostile = (hostile_clients(self.cfg.adversary, self.data.num_clients, self.cfg.seed)
+                        if self.cfg.adversary else [])
         self.client_of_node: dict[int, int] = {}
         if self.cfg.strategy.name == "fedbn" and not set(batchnorm_keys(self.model)) & set(sent):
             why = (f"trains none (finetune.trainable {self.cfg.finetune.trainable})"
@@ -300,7 +305,8 @@ class FederatedRun:
         for client, row in rows.items():
             if client is not None:
                 log.row(server_round, "client", client, "train", row)
-        federated_train = {**mean_row(list(rows.values()), ["loss", "acc"]), "lr": lr}
+        federated_train = {**mean_row(list(rows.values()), ["loss", "acc"]), "lr": lr,
+                           "clients": len(rows)}  # who trained (fewer: dropout, failures)
         log.row(server_round, "federated", None, "train", federated_train)
 
         evaluations = self._evaluate_clients(server_round, arrays, strategy, grid, state)
@@ -432,6 +438,11 @@ class FederatedRun:
             **({"synthesis": state.synthesis} if state.synthesis else {}),
             **({"personalized": state.personalized} if state.personalized else {}),
             **({"privacy": state.privacy} if state.privacy else {}),
+            **({"adversary": {"clients": self.hostile, "attack": self.cfg.adversary.attack,
+                              "strength": self.cfg.adversary.resolved_strength}}
+               if self.cfg.adversary else {}),
+            **({"availability": self.cfg.availability.model_dump()}
+               if self.cfg.availability else {}),
             **({"finetune": {"trainable": self.cfg.finetune.trainable, **self.trained_part}}
                if self.frozen else {}),
             # What the global evaluation's model holds where clients keep their own layers.

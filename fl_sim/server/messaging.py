@@ -12,6 +12,7 @@ from flwr.app import Message
 from flwr.serverapp import Grid
 from flwr.superlink.grid import InMemoryGrid
 
+from fl_sim.adversary import SAT_OUT
 from fl_sim.arrays import is_packed, pack, unpack
 from fl_sim.errors import FlSimError
 from fl_sim.server.failures import stop_if_requested, stop_requested
@@ -88,14 +89,21 @@ def send_and_check(grid: Grid, messages: list[Message], kind: str, server_round:
         return f"client {names[node]} (node {node})" if node in names else f"node {node}"
 
     ok = [m for m in replies if not m.has_error()]
+    # A client that sits the round out (availability.dropout) replies with that alone.
+    sat_out = [m for m in ok if SAT_OUT in m.content["metrics"]]
+    ok = [m for m in ok if m not in sat_out]
     reasons = [f"{culprit(m)}: {m.error.reason.strip()}" for m in replies if m.has_error()]
     if len(replies) < len(messages):
         reasons.append(f"{len(messages) - len(replies)} gave no reply within {timeout:g} s")
+    absent = [f"{len(sat_out)} sat the round out (availability)"] if sat_out else []
     if len(ok) < min_replies:
         raise FlSimError(
             f"round {server_round} ({kind}): {len(ok)} of {len(messages)} clients replied, "
-            f"{min_replies} needed (min_clients). {'; '.join(reasons)}. The rounds finished "
-            "before are kept.")
+            f"{min_replies} needed (min_clients). {'; '.join(reasons + absent)}. The rounds "
+            "finished before are kept.")
+    if sat_out:
+        log.info("round %d (%s): %d clients sat out (availability)", server_round, kind,
+                 len(sat_out))
     for reason in reasons:
         log.warning("round %d (%s): continuing without a client. %s", server_round, kind, reason)
     # A fixed order makes aggregation's floating-point sums independent of arrival order.
