@@ -10,6 +10,7 @@ from fl_sim.config import RunConfig
 from fl_sim.errors import FlSimError
 from fl_sim.server.checkpoints import results_config
 from fl_sim.server.messaging import send_and_check, wait_for_clients
+from fl_sim.server.rows import TRAIN_METRICS
 
 
 @pytest.fixture(autouse=True)
@@ -38,8 +39,9 @@ class FakeGrid:
                 self.replies[f"m{i}"] = Message(Error(code=1, reason="RuntimeError: broken image"),
                                                 reply_to=m)
             elif node not in self.silent:
-                self.replies[f"m{i}"] = Message(
-                    RecordDict({"metrics": MetricRecord({"partition-id": node})}), reply_to=m)
+                self.replies[f"m{i}"] = Message(RecordDict({"metrics": MetricRecord(
+                    {"partition-id": node, "num-examples": 10, **dict.fromkeys(TRAIN_METRICS, 0)})}),
+                    reply_to=m)
         return [f"m{i}" for i in range(len(messages))]
 
     def pull_messages(self, message_ids):

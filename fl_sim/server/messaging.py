@@ -3,6 +3,7 @@ exchanges that carry on without a failed client, and fl-sim's own seeded samplin
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from typing import Any
@@ -16,14 +17,10 @@ from fl_sim.adversary import SAT_OUT
 from fl_sim.arrays import is_packed, pack, unpack
 from fl_sim.errors import FlSimError
 from fl_sim.server.failures import stop_if_requested, stop_requested
+from fl_sim.server.vetting import payload_bytes, refusal
 from fl_sim.strategies.registry import sample_size
 
 log = logging.getLogger(__name__)
-
-
-def payload_bytes(msg: Message) -> int:
-    """Bytes of a message's records as Flower counts them (array data, metric and config values)."""
-    return sum(record.count_bytes() for record in msg.content.values())
 
 
 def wait_for_clients(grid: Grid, needed: int, timeout: float, server_round: int) -> None:
@@ -64,7 +61,8 @@ def exchange(grid: Grid, messages: list[Message], timeout: float) -> list[Messag
         time.sleep(poll)
     for reply in replies:
         if not reply.has_error() and "arrays" in reply.content:
-            reply.content["arrays"] = unpack(reply.content["arrays"])
+            with contextlib.suppress(Exception):  # a malformed packing stays packed: refused
+                reply.content["arrays"] = unpack(reply.content["arrays"])
     return replies
 
 
@@ -81,18 +79,25 @@ def send_and_check(grid: Grid, messages: list[Message], kind: str, server_round:
         raise FlSimError(f"round {server_round}: the strategy sampled no client to {kind}.")
     replies = exchange(grid, messages, timeout)
     # A dead node's error reply comes from the SuperLink: name the node the message went to.
-    dst = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+    sent = {m.metadata.message_id: m for m in messages}
     names = client_of_node or {}
 
     def culprit(reply: Message) -> str:
-        node = dst.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+        to = sent.get(reply.metadata.reply_to_message_id)
+        node = to.metadata.dst_node_id if to else reply.metadata.src_node_id
         return f"client {names[node]} (node {node})" if node in names else f"node {node}"
 
-    ok = [m for m in replies if not m.has_error()]
-    # A client that sits the round out (availability.dropout) replies with that alone.
-    sat_out = [m for m in ok if SAT_OUT in m.content["metrics"]]
-    ok = [m for m in ok if m not in sat_out]
-    reasons = [f"{culprit(m)}: {m.error.reason.strip()}" for m in replies if m.has_error()]
+    ok, reasons, sat_out = [], [], []
+    for reply in replies:
+        if reply.has_error():
+            reasons.append(f"{culprit(reply)}: {reply.error.reason.strip()}")
+        # A client that sits the round out (availability.dropout) replies with that alone.
+        elif SAT_OUT in reply.content.get("metrics", {}):
+            sat_out.append(reply)
+        elif why := refusal(reply, sent[reply.metadata.reply_to_message_id], kind):
+            reasons.append(f"{culprit(reply)}: refused: {why}")
+        else:
+            ok.append(reply)
     if len(replies) < len(messages):
         reasons.append(f"{len(messages) - len(replies)} gave no reply within {timeout:g} s")
     absent = [f"{len(sat_out)} sat the round out (availability)"] if sat_out else []

@@ -12,6 +12,10 @@ from fl_sim.server.run_log import RunLog
 SPLITS = ("val", "test")
 
 
+# What a client's train reply reports beside its weights (train_local's result).
+TRAIN_METRICS = ("train_loss", "train_acc", "steps", "train_time_s", "cuda_device", "gpu_peak_mb")
+
+
 def train_row(metrics: Any, n: int) -> dict[str, Any]:
     """A `train` row from train_local's result (a client's reply metrics, or the dict):
     with the device it trained on (`cuda_device`, -1 for the CPU) and its peak GPU memory."""

@@ -1,0 +1,80 @@
+"""A server that distrusts replies: each train or evaluate reply is checked against the
+message it answers before anything reads it, so that a broken or modified client (a
+SuperNode running other code) is refused, named, and the round goes on without it.
+
+A train reply must carry the arrays it was sent, by name, shape and dtype (SCAFFOLD's
+control variates c answered by its Δc), finite, and the metrics the server reads; no reply
+may be much larger than the message it answers. A client whose own train loss is
+non-finite is not refused: it diverged, which stops the run as before (RunFailed).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from flwr.app import ArrayRecord, Message, MetricRecord
+
+from fl_sim.arrays import is_packed, unpack
+from fl_sim.server.rows import TRAIN_METRICS
+from fl_sim.strategies.scaffold import CONTROL, DELTA
+
+# A reply may be this many times the bytes of the message it answers, plus a slack for
+# metrics: a train reply is the model's size, an evaluate reply a few numbers.
+SIZE_FACTOR, SIZE_SLACK = 2, 1 << 20
+VETTED = ("train", "evaluate")  # queries (synthesis grids, personalization) are not
+REPLY_METRICS = ("partition-id", "num-examples")
+
+
+def refusal(reply: Message, sent: Message, kind: str) -> str | None:
+    """Why `reply` (to `sent`, an exchange of `kind`) is refused; None if it is not."""
+    if kind not in VETTED:
+        return None
+    size, limit = payload_bytes(reply), SIZE_FACTOR * payload_bytes(sent) + SIZE_SLACK
+    if size > limit:
+        return f"its reply holds {size:,} bytes, more than the {limit:,} allowed"
+    metrics = reply.content.get("metrics")
+    if not isinstance(metrics, MetricRecord):
+        return "its reply has no metrics record"
+    needed = (*REPLY_METRICS, *TRAIN_METRICS) if kind == "train" else REPLY_METRICS
+    missing = [k for k in needed if k not in metrics]
+    if missing:
+        return f"its reply lacks the metrics {missing}"
+    bad = [k for k in needed if not isinstance(metrics[k], (int, float))
+           or not math.isfinite(metrics[k]) and k != "train_loss"]
+    if bad or metrics["num-examples"] < 0:
+        return f"its metrics {bad or ['num-examples']} are not finite non-negative numbers"
+    if kind == "train" and "arrays" in sent.content:
+        return _array_refusal(reply, unpack(sent.content["arrays"]),
+                              diverged=not math.isfinite(metrics["train_loss"]))
+    return None
+
+
+def _array_refusal(reply: Message, sent: ArrayRecord, diverged: bool) -> str | None:
+    arrays = reply.content.get("arrays")
+    if not isinstance(arrays, ArrayRecord):
+        return "its train reply has no arrays"
+    if is_packed(arrays):  # still packed: its layout did not unpack (arrays.unpack)
+        return "its packed arrays do not unpack"
+    expected = {DELTA + k[len(CONTROL):] if k.startswith(CONTROL) else k: a
+                for k, a in sent.items()}
+    if set(arrays) != set(expected):
+        extra, missing = sorted(set(arrays) - set(expected)), sorted(set(expected) - set(arrays))
+        return (f"its arrays are not the model's: {len(extra)} unexpected (e.g. {extra[:3]}), "
+                f"{len(missing)} missing (e.g. {missing[:3]})")
+    for name, array in arrays.items():
+        want = expected[name]
+        if (tuple(array.shape), array.dtype) != (tuple(want.shape), want.dtype):
+            return (f"its array {name} is {array.dtype} {list(array.shape)}, sent as "
+                    f"{want.dtype} {list(want.shape)}")
+    if not diverged:
+        for name, array in arrays.items():
+            values = array.numpy()
+            if values.dtype.kind == "f" and not np.isfinite(values).all():
+                return f"its array {name} holds non-finite values"
+    return None
+
+
+def payload_bytes(msg: Message) -> int:
+    """Bytes of a message's records as Flower counts them (array data, metric and config values)."""
+    return sum(record.count_bytes() for record in msg.content.values())
