@@ -85,6 +85,14 @@ def unpack(record: ArrayRecord) -> ArrayRecord:
                         in json.loads(bytes(record[LAYOUT].data))})
 
 
+def layout(record: ArrayRecord) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Each array's (dtype, shape) by name, of a packed record read from its layout alone."""
+    if is_packed(record):
+        return {name: (dtype, tuple(shape))
+                for name, dtype, shape, *_ in json.loads(bytes(record[LAYOUT].data))}
+    return {name: (array.dtype, tuple(array.shape)) for name, array in record.items()}
+
+
 # ----------------------------------------------------------------------------- aggregation
 
 

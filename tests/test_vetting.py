@@ -52,8 +52,8 @@ MALFORMED = {
                     "1 missing (e.g. ['conv.weight'])"),
     "wrong shape": (lambda n: with_array(n, "conv.weight", np.ones((4, 3, 3), np.float32)),
                     "its array conv.weight is float32 [4, 3, 3], sent as float32 [4, 3, 3, 3]"),
-    "wrong dtype": (lambda n: with_array(n, "conv.weight", np.ones((4, 3, 3, 3))),
-                    "its array conv.weight is float64 [4, 3, 3, 3], sent as float32"),
+    "wrong dtype": (lambda n: with_array(n, "bn.num_batches_tracked", np.array(3.0)),
+                    "its array bn.num_batches_tracked is float64 [], sent as int64 []"),
     "NaN": (lambda n: with_array(n, "conv.weight", np.full((4, 3, 3, 3), np.nan, np.float32)),
             "its array conv.weight holds non-finite values"),
     "oversized": (lambda n: RecordDict({**honest(n), "junk": ArrayRecord(
@@ -128,12 +128,12 @@ def test_the_packed_wire_format_is_vetted_after_unpacking(caplog):
             k: Array(np.frombuffer(b"not json", np.uint8)) for k in list(packed)[1:]})
         return content
 
-    bad = {1: MALFORMED["wrong dtype"][0], 2: broken_packing}
+    bad = {1: MALFORMED["wrong shape"][0], 2: broken_packing}
     replies = send_and_check(Grid(bad, packed=True), train_messages(pack(
         ArrayRecord({k: Array(v) for k, v in MODEL.items()}))), "train", 1, timeout=5,
         min_replies=1)
     assert [m.content["metrics"]["partition-id"] for m in replies] == [0]
-    assert "node 1: refused: its array conv.weight is float64" in caplog.text
+    assert "node 1: refused: its array conv.weight is float32 [4, 3, 3]" in caplog.text
     assert "node 2: refused: its packed arrays do not unpack" in caplog.text
 
 

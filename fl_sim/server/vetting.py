@@ -2,9 +2,9 @@
 message it answers before anything reads it, so that a broken or modified client (a
 SuperNode running other code) is refused, named, and the round goes on without it.
 
-A train reply must carry the arrays it was sent, by name, shape and dtype (SCAFFOLD's
-control variates c answered by its Δc), finite, and the metrics the server reads; no reply
-may be much larger than the message it answers. A client whose own train loss is
+A train reply must carry the arrays it was sent, by name, shape and dtype (a float for a
+float; SCAFFOLD's control variates c answered by its Δc), finite, and the metrics the server
+reads; no reply may be much larger than the message it answers. A client whose own train loss is
 non-finite is not refused: it diverged, which stops the run as before (RunFailed).
 """
 
@@ -15,7 +15,7 @@ import math
 import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord
 
-from fl_sim.arrays import is_packed, unpack
+from fl_sim.arrays import array_view, is_float, is_packed, layout
 from fl_sim.server.rows import TRAIN_METRICS
 from fl_sim.strategies.scaffold import CONTROL, DELTA
 
@@ -45,32 +45,34 @@ def refusal(reply: Message, sent: Message, kind: str) -> str | None:
     if bad or metrics["num-examples"] < 0:
         return f"its metrics {bad or ['num-examples']} are not finite non-negative numbers"
     if kind == "train" and "arrays" in sent.content:
-        return _array_refusal(reply, unpack(sent.content["arrays"]),
+        return _array_refusal(reply, layout(sent.content["arrays"]),
                               diverged=not math.isfinite(metrics["train_loss"]))
     return None
 
 
-def _array_refusal(reply: Message, sent: ArrayRecord, diverged: bool) -> str | None:
+def _array_refusal(reply: Message, sent: dict[str, tuple[str, tuple[int, ...]]],
+                   diverged: bool) -> str | None:
     arrays = reply.content.get("arrays")
     if not isinstance(arrays, ArrayRecord):
         return "its train reply has no arrays"
     if is_packed(arrays):  # still packed: its layout did not unpack (arrays.unpack)
         return "its packed arrays do not unpack"
-    expected = {DELTA + k[len(CONTROL):] if k.startswith(CONTROL) else k: a
-                for k, a in sent.items()}
+    expected = {DELTA + k[len(CONTROL):] if k.startswith(CONTROL) else k: kind
+                for k, kind in sent.items()}
     if set(arrays) != set(expected):
         extra, missing = sorted(set(arrays) - set(expected)), sorted(set(expected) - set(arrays))
         return (f"its arrays are not the model's: {len(extra)} unexpected (e.g. {extra[:3]}), "
                 f"{len(missing)} missing (e.g. {missing[:3]})")
     for name, array in arrays.items():
-        want = expected[name]
-        if (tuple(array.shape), array.dtype) != (tuple(want.shape), want.dtype):
+        dtype, shape = expected[name]
+        # Some of Flower's rules (Krum, Bulyan, QFedAvg) send float64 and get the model's float32.
+        same_kind = array.dtype == dtype or is_float(array) and np.issubdtype(dtype, np.floating)
+        if tuple(array.shape) != shape or not same_kind:
             return (f"its array {name} is {array.dtype} {list(array.shape)}, sent as "
-                    f"{want.dtype} {list(want.shape)}")
+                    f"{dtype} {list(shape)}")
     if not diverged:
         for name, array in arrays.items():
-            values = array.numpy()
-            if values.dtype.kind == "f" and not np.isfinite(values).all():
+            if is_float(array) and not np.isfinite(array_view(array)).all():
                 return f"its array {name} holds non-finite values"
     return None
 
