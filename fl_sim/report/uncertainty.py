@@ -10,9 +10,10 @@ split is never resampled here: its interval is the one the client sent (`<metric
 
 from __future__ import annotations
 
+
 import hashlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
@@ -58,7 +59,7 @@ class Difference:
 def with_holm(differences: list[Difference]) -> list[Difference]:
     """The same differences, each with the Holm-adjusted p-value of the whole family."""
     adjusted = holm([d.p for d in differences])
-    return [Difference(**{**d.__dict__, "p_holm": p}) for d, p in zip(differences, adjusted)]
+    return [replace(d, p_holm=p) for d, p in zip(differences, adjusted)]
 
 
 @dataclass(frozen=True)
