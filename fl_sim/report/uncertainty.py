@@ -10,7 +10,6 @@ split is never resampled here: its interval is the one the client sent (`<metric
 
 from __future__ import annotations
 
-
 import hashlib
 import math
 from dataclasses import dataclass, replace
