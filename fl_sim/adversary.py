@@ -79,9 +79,11 @@ def poisoned_reply(sent: Mapping[str, torch.Tensor], trained: Mapping[str, torch
     sign_flip: -s u; scale: s u; gaussian: noise of s x the tensor's update spread (std);
     alie (Baruch et al. 2019): mean - s x std over the `estimates` (models trained on
     shares of the attacker's data), coordinate-wise. Tensors outside `parameters` (BatchNorm
-    statistics, SCAFFOLD's variates) are returned as trained. label_flip changes training,
-    not the reply.
+    statistics, SCAFFOLD's variates) are returned as trained, and so is all of it under
+    label_flip, which changes training, not the reply.
     """
+    if adversary.attack == "label_flip":
+        return OrderedDict(trained)
     strength = adversary.resolved_strength
     generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
     reply = OrderedDict(trained)
@@ -96,10 +98,8 @@ def poisoned_reply(sent: Mapping[str, torch.Tensor], trained: Mapping[str, torch
             spread = update.std() if update.numel() > 1 else update.abs().sum()
             poisoned = strength * spread * torch.randn(update.shape, generator=generator,
                                                        dtype=torch.float64)
-        elif adversary.attack == "alie":
+        else:  # alie
             shards = torch.stack([e[name].detach().cpu().double() - base for e in estimates])
             poisoned = shards.mean(0) - strength * shards.std(0)
-        else:
-            continue
         reply[name] = (base + poisoned).to(trained[name].dtype)
     return reply

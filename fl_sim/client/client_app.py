@@ -15,11 +15,11 @@ from collections import OrderedDict
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fl_sim.arrays import is_packed, pack, to_state_dict
-from fl_sim.client import fedbn, scaffold
 from fl_sim.adversary import (
     SAT_OUT, alie_shards, flip_labels, hostile_clients, poisoned_reply, sitting_out,
 )
+from fl_sim.arrays import is_packed, pack, to_state_dict
+from fl_sim.client import fedbn, scaffold
 from fl_sim.client.train import optimizer_kwargs, train_local
 from fl_sim.client.train_split import client_synthesis, synthesis_report, train_split
 from fl_sim.config import DataConfig, GlobalTestConfig, PartitionConfig, RunConfig
@@ -175,7 +175,7 @@ def train(msg: Message, context: Context) -> Message:
         trained, was_clipped = clip_update(sent, trained, config)
         if run_cfg.privacy.client_level.adaptive:  # the count that moves the norm
             result[NORM_BIT] = float(was_clipped)
-    if adversary and adversary.attack != "label_flip":  # a hostile client clips nothing
+    if adversary:  # a hostile client clips nothing
         trained = poisoned_reply(sent, trained, [name for name, p in model.named_parameters()
                                                  if p.requires_grad and name in trained],
                                  adversary, attack_rng, estimates)

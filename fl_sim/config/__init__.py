@@ -3,17 +3,18 @@ the names and labels of its runs (naming.py)."""
 
 from fl_sim.config.naming import proximal_mu, recipe_label, run_labels, run_name
 from fl_sim.config.schema import (
-    BASELINES, AdversaryConfig, AugmentConfig, AvailabilityConfig, ClipConfig, DataConfig, FinetuneConfig, GlobalTestConfig,
-    LossConfig, LRScheduleConfig, ModelConfig, OptimizerConfig, PartitionConfig,
-    PersonalizeConfig, PrivacyConfig, ResourcesConfig, Run, RunConfig, StrategyConfig, StudyConfig,
-    SynthesisConfig,
+    BASELINES, AdversaryConfig, AugmentConfig, AvailabilityConfig, ClipConfig, DataConfig,
+    FinetuneConfig, GlobalTestConfig, LossConfig, LRScheduleConfig, ModelConfig,
+    OptimizerConfig, PartitionConfig, PersonalizeConfig, PrivacyConfig, ResourcesConfig, Run,
+    RunConfig, StrategyConfig, StudyConfig, SynthesisConfig,
 )
 from fl_sim.config.study import expand_grid, format_validation_error, load_study
 
 __all__ = [
-    "BASELINES", "AdversaryConfig", "AugmentConfig", "AvailabilityConfig", "ClipConfig", "DataConfig", "FinetuneConfig",
-    "GlobalTestConfig", "LossConfig", "LRScheduleConfig", "ModelConfig", "OptimizerConfig",
-    "PartitionConfig", "PersonalizeConfig", "PrivacyConfig", "ResourcesConfig", "Run", "RunConfig",
-    "StrategyConfig", "StudyConfig", "SynthesisConfig", "expand_grid", "format_validation_error",
-    "load_study", "proximal_mu", "recipe_label", "run_labels", "run_name",
+    "BASELINES", "AdversaryConfig", "AugmentConfig", "AvailabilityConfig", "ClipConfig",
+    "DataConfig", "FinetuneConfig", "GlobalTestConfig", "LossConfig", "LRScheduleConfig",
+    "ModelConfig", "OptimizerConfig", "PartitionConfig", "PersonalizeConfig", "PrivacyConfig",
+    "ResourcesConfig", "Run", "RunConfig", "StrategyConfig", "StudyConfig", "SynthesisConfig",
+    "expand_grid", "format_validation_error", "load_study", "proximal_mu", "recipe_label",
+    "run_labels", "run_name",
 ]
