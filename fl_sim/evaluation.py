@@ -11,7 +11,7 @@ from torch import nn
 
 from fl_sim.data_partition import FederatedData
 from fl_sim.metrics import classification_metrics
-from fl_sim.stats import split_intervals
+from fl_sim.stats import paired_split_difference, split_intervals
 from fl_sim.transforms import BatchPreprocessor
 
 
@@ -62,18 +62,31 @@ def metrics_of(y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str],
                                   probs=probs, classes=classes)
 
 
+def split_predictions(model: nn.Module, data: FederatedData, partition: int, split: str,
+                      preprocess: BatchPreprocessor, batch_size: int) -> tuple[np.ndarray, float]:
+    """`predict` on one of a client's splits."""
+    return predict(model, data.images, data.labels, data.indices(partition, split), preprocess,
+                   batch_size)
+
+
 def evaluate_splits(model: nn.Module, data: FederatedData, partition: int,
-                    preprocess: BatchPreprocessor, batch_size: int) -> dict[str, float]:
+                    preprocess: BatchPreprocessor, batch_size: int,
+                    splits: Sequence[str] = ("val", "test"),
+                    baseline: np.ndarray | None = None) -> dict[str, float]:
     """`evaluate` on a client's val and test splits, keys prefixed (`val_acc`, `test_n`, ...),
     with the bootstrap intervals of the test split's metrics (`test_bacc_lo`, `test_bacc_hi`,
-    ...): what the report needs of a split whose predictions never leave the client."""
+    ...): what the report needs of a split whose predictions never leave the client.
+    `baseline`, another model's probabilities on the test split, adds the paired test of
+    this model against it (`test_bacc_delta_lo`, `_hi`, `_p`)."""
     metrics = {}
-    for split in ("val", "test"):
-        rows = data.indices(partition, split)
-        probs, loss = predict(model, data.images, data.labels, rows, preprocess, batch_size)
-        result = metrics_of(data.labels[rows], probs, data.classes, loss)
+    for split in splits:
+        probs, loss = split_predictions(model, data, partition, split, preprocess, batch_size)
+        labels = data.labels[data.indices(partition, split)]
+        result = metrics_of(labels, probs, data.classes, loss)
         if split == "test":
-            result.update(split_intervals(data.labels[rows], probs))
+            result.update(split_intervals(labels, probs))
+            if baseline is not None:
+                result.update(paired_split_difference(labels, probs, baseline))
         metrics.update({f"{split}_{k}": v for k, v in result.items()})
     return metrics
 

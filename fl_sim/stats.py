@@ -187,3 +187,23 @@ def split_intervals(labels: np.ndarray, probs: np.ndarray,
     for metric in METRICS:
         out[f"{metric}_lo"], out[f"{metric}_hi"] = interval(reps[metric])
     return out
+
+
+def paired_split_difference(labels: np.ndarray, probs: np.ndarray, baseline: np.ndarray,
+                            replicates: int = REPLICATES) -> dict[str, float]:
+    """`<metric>_delta_lo` / `_hi` / `_p`: the paired 95 % interval and two-sided p-value of
+    a model (`probs`) minus another (`baseline`) on one split, both scored on the same
+    draws of its images (a client's test split, computed where its predictions stay)."""
+    keys = [f"{m}_delta_{end}" for m in METRICS for end in ("lo", "hi", "p")]
+    if len(labels) == 0:
+        return dict.fromkeys(keys, float("nan"))
+    n, num_classes = probs.shape
+    draws = ImageDraws(n, replicates)
+    a, b = (replicate_metrics(labels, p.argmax(1), p, draws, num_classes)
+            for p in (probs, baseline))
+    out: dict[str, float] = {}
+    for metric in METRICS:
+        difference = a[metric] - b[metric]
+        out[f"{metric}_delta_lo"], out[f"{metric}_delta_hi"] = interval(difference)
+        out[f"{metric}_delta_p"] = p_value(difference)
+    return out

@@ -8,8 +8,8 @@ from sklearn.metrics import roc_auc_score
 
 from fl_sim.metrics import classification_metrics, clinical_metrics, expected_calibration_error
 from fl_sim.stats import (
-    METRICS, ImageDraws, combine_seeds, draw_seeds, holm, interval, p_value, replicate_metrics,
-    split_intervals,
+    METRICS, ImageDraws, combine_seeds, draw_seeds, holm, interval, p_value,
+    paired_split_difference, replicate_metrics, split_intervals,
 )
 
 CLASSES = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
@@ -124,6 +124,21 @@ def test_paired_difference_of_two_equal_models_and_of_a_better_one():
     better = reps["model"] - reps["untrained"]
     lo, hi = interval(better)
     assert lo > 0.1 and p_value(better) < 0.001
+
+
+def test_a_split_s_paired_difference_is_that_of_the_shared_draws():
+    """What a client sends about personalized vs global on its test split."""
+    labels, probs = predictions(600, 1.0, 11)
+    untrained = scores(labels, 0.0, np.random.default_rng(12))
+    got = paired_split_difference(labels, probs, untrained)
+    draws = ImageDraws(600)
+    a, b = (replicate_metrics(labels, p.argmax(1), p, draws, 7)["bacc"] for p in (probs, untrained))
+    assert (got["bacc_delta_lo"], got["bacc_delta_hi"]) == interval(a - b)
+    assert got["bacc_delta_lo"] > 0.1 and got["bacc_delta_p"] < 0.001
+    same = paired_split_difference(labels, probs, probs)
+    assert same["bacc_delta_lo"] == same["bacc_delta_hi"] == 0 and same["bacc_delta_p"] == 1
+    empty = paired_split_difference(np.empty(0, int), np.empty((0, 0)), np.empty((0, 0)))
+    assert len(empty) == 3 * len(METRICS) and all(math.isnan(v) for v in empty.values())
 
 
 def test_two_level_bootstrap_over_seeds():

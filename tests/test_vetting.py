@@ -63,7 +63,7 @@ MALFORMED = {
     "NaN weight": (lambda n: RecordDict({"arrays": honest(n)["arrays"],
                                          "metrics": metrics(n, **{"num-examples": float("nan")})}),
                    "its metrics ['num-examples'] are not finite"),
-    "no arrays": (lambda n: RecordDict({"metrics": metrics(n)}), "its train reply has no arrays"),
+    "no arrays": (lambda n: RecordDict({"metrics": metrics(n)}), "its reply has no arrays"),
 }
 
 

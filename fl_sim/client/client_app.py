@@ -25,7 +25,7 @@ from fl_sim.client.train_split import client_synthesis, synthesis_report, train_
 from fl_sim.config import DataConfig, GlobalTestConfig, PartitionConfig, RunConfig
 from fl_sim.data_partition import FederatedData
 from fl_sim.errors import FlSimError
-from fl_sim.evaluation import evaluate_splits
+from fl_sim.evaluation import evaluate_splits, split_predictions
 from fl_sim.models.finetune import load_weights, travelling_state
 from fl_sim.privacy.central import NORM_BIT, clip_update, wants_clipping
 from fl_sim.task import client_rng, device, load_data, load_model, model_frozen_digest
@@ -103,15 +103,16 @@ def _node_data(msg: Message, context: Context):
     return config, run_cfg, data_cfg, data, partition, int(context.node_config["partition-id"])
 
 
-def _setup(msg: Message, context: Context):
-    """_node_data, and the model with the message's weights (and, FedBN, its own layers)."""
+def _setup(msg: Message, context: Context, own_layers: bool = True):
+    """_node_data, and the model with the message's weights (and, FedBN, its own layers
+    unless not `own_layers`: another site's model is evaluated as it came)."""
     config, run_cfg, data_cfg, data, partition, pid = _node_data(msg, context)
     run_json = str(config["run-config"])
     model, preprocess = load_model(run_json, tuple(data.class_names), data.images.shape[1])
     check_frozen(str(config.get("frozen-digest", "")),
                  model_frozen_digest(run_json, tuple(data.class_names), data.images.shape[1]))
     load_weights(model, scaffold.split(to_state_dict(msg.content["arrays"]))[0])
-    if run_cfg.strategy.name == "fedbn":
+    if run_cfg.strategy.name == "fedbn" and own_layers:
         fedbn.load_own(model, context.state, run_json)
     return config, run_cfg, data_cfg, data, model, preprocess, partition, pid
 
@@ -197,22 +198,43 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     return _reply(msg, pid, int(metrics["val_n"]), metrics)
 
 
-
 @app.query("personalize")
 @_named
 def personalize(msg: Message, context: Context) -> Message:
     """The message's global model fine-tuned on this client's own train split for
     `personalize.fine_tune_epochs` epochs, at the last round's rate; its `val_*` / `test_*`
-    metrics. The personalized weights stay here."""
+    metrics, with the paired test against the global model on the test split (computed
+    here: the split's predictions stay here). The personalized weights stay here too,
+    unless the message asks for them (`send-model`: cross-site evaluation)."""
     config, run_cfg, data_cfg, data, model, preprocess, partition, pid = _setup(msg, context)
+    global_probs, _ = split_predictions(model, data, partition, "test", preprocess,
+                                        run_cfg.eval_batch_size)
     images, labels, indices = train_split(data, [partition], run_cfg, data_cfg, preprocess.device)
     epochs = run_cfg.personalize.fine_tune_epochs
     train_local(model, images, labels, indices, preprocess,
                 run_cfg.model_copy(update={"local_epochs": epochs}),
                 rng=client_rng(run_cfg.seed, pid, int(config["server-round"]), stream=2),
                 lr=float(config["lr"]) if "lr" in config else None)
-    metrics = evaluate_splits(model, data, partition, preprocess, run_cfg.eval_batch_size)
-    return _reply(msg, pid, int(metrics["val_n"]), metrics)
+    metrics = evaluate_splits(model, data, partition, preprocess, run_cfg.eval_batch_size,
+                              baseline=global_probs)
+    arrays = None
+    if config.get("send-model", False):
+        arrays = ArrayRecord(travelling_state(model))
+        if is_packed(msg.content["arrays"]):
+            arrays = pack(arrays)
+    return _reply(msg, pid, int(metrics["val_n"]), metrics, arrays)
+
+
+@app.query("cross_evaluate")
+@_named
+def cross_evaluate(msg: Message, context: Context) -> Message:
+    """Another site's model (as it came: FedBN's own layers are that site's) on this
+    client's test split (`test_*`, with intervals)."""
+    _, run_cfg, _, data, model, preprocess, partition, pid = _setup(msg, context,
+                                                                    own_layers=False)
+    metrics = evaluate_splits(model, data, partition, preprocess, run_cfg.eval_batch_size,
+                              splits=("test",))
+    return _reply(msg, pid, int(metrics["test_n"]), metrics)
 
 
 @app.query("synthesize")

@@ -461,6 +461,10 @@ class RunConfig(Strict):
     selection_metric: Literal["acc", "bacc", "precision", "recall", "f1", "avg", "loss"] = Field(
         "avg", description="validation metric that picks the best round (never test)"
     )
+    cross_site_eval: bool = Field(
+        False, description="after the last round, every client's model (local runs) and "
+                           "personalized model on every client's test split: models travel "
+                           "between sites")
     adversary: AdversaryConfig | None = Field(
         None, description="hostile clients, in simulation (null: none)")
     availability: AvailabilityConfig | None = Field(

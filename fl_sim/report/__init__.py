@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from fl_sim.report.collect import REPORT_DIR, Study, load_study
+from fl_sim.report.cross_site import cross_site_section
 from fl_sim.report.markdown import render
 from fl_sim.report.plots import write_figures
 from fl_sim.report.personalization import personalization_section
@@ -34,7 +35,8 @@ def write_report(study_dir: Path) -> Path:
     table.to_csv(out / "test_metrics.csv", index=False)
     versus = versus_pooled(table, study.runs)
     figures = write_figures(study.rows, table, versus, boot, out)
-    extra = [*personalization_section(study), *privacy_section(study, out),
+    extra = [*personalization_section(study), *cross_site_section(study),
+             *privacy_section(study, out),
              *probes_section(study)]
     (out / "report.md").write_text(render(study, table, versus, boot, figures, extra),
                                    encoding="utf-8")

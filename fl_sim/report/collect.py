@@ -132,7 +132,7 @@ def _load_run(run_dir: Path) -> tuple[dict[str, Any], pd.DataFrame, dict[str, An
     best_round = (summary.get("best") or {}).get("round")
     if best_round is None:
         raise _Skip("summary.json names no best round")
-    key = ["round", "scope", "client", "split"]
+    key = ["round", "scope", "client", "split", *(["site_model"] if "site_model" in rows else [])]
     if rows.duplicated(key).any():
         raise _Skip("metrics.jsonl holds some rows twice: the run was written twice into "
                     "one folder; run it again")
@@ -141,6 +141,7 @@ def _load_run(run_dir: Path) -> tuple[dict[str, Any], pd.DataFrame, dict[str, An
     run = {"run": run_dir.name, **run_labels(cfg), "strategy_name": cfg.strategy.name,
            "seed": cfg.seed, "best_round": best_round,
            "selection_metric": cfg.selection_metric, "rounds": cfg.rounds,
+           "cross_site_eval": cfg.cross_site_eval,
            "wall_time_s": summary.get("wall_time_s", math.nan),
            "bytes_sent": summary.get("bytes_sent", math.nan),
            "privacy": summary.get("privacy") or {}, "stopped": summary.get("stopped")}

@@ -27,8 +27,8 @@ from fl_sim.evaluation import evaluate_splits, metrics_of
 from fl_sim.privacy.ledger import trainer_key
 from fl_sim.server.checkpoints import RunState
 from fl_sim.server.loop import FederatedRun, PhaseTimer
-from fl_sim.server.phases import Query, log_synthesis
-from fl_sim.server.rows import train_row
+from fl_sim.server.phases import CrossSiteEvaluation, Query, log_synthesis
+from fl_sim.server.rows import split_rows, train_row
 from fl_sim.server.run_log import RunLog
 from fl_sim.task import client_rng
 
@@ -150,6 +150,9 @@ class LocalRun(BaselineRun):
             evaluations.append(self._metrics_of(c))
         return evaluations
 
+    def _cross_site(self) -> LocalCrossSite:
+        return LocalCrossSite(self)
+
     def _global_eval(self, server_round: int, arrays: ArrayRecord, log: RunLog) -> dict:
         rows, probs = [], []
         y_true = self.data.labels[self.data.indices("global", "test")]
@@ -165,6 +168,29 @@ class LocalRun(BaselineRun):
         mean["n"] = rows[0]["n"]
         log.row(server_round, "global", None, "test", mean)
         return mean
+
+
+class LocalCrossSite(CrossSiteEvaluation):
+    """Every client's own model at the best round (`local_<client>`) on every client's
+    test split, in this process (as each client would evaluate it)."""
+
+    def __init__(self, run: LocalRun) -> None:
+        super().__init__(run.config, has_global_model=False)
+        self.run = run
+
+    def __call__(self, models: dict[str, ArrayRecord], query: Query, state: RunState,
+                 run_log: RunLog) -> dict:
+        best = ArrayRecord(self.run.checkpoints.load_best()["state_dict"])
+        return super().__call__({f"local_{c}": ArrayRecord(client_state(best, c))
+                                 for c in self.run.clients}, query, state, run_log)
+
+    def evaluate(self, name: str, arrays: ArrayRecord, query: Query,
+                 server_round: int) -> dict[int, dict]:
+        run = self.run
+        run.model.load_state_dict(to_state_dict(arrays), strict=True)
+        return {c: split_rows(evaluate_splits(run.model, run.data, c, run.preprocess,
+                                              run.cfg.eval_batch_size, splits=("test",)),
+                              ("test",))["test"] for c in run.clients}
 
 
 BASELINE_RUNS: dict[str, type[BaselineRun]] = {"pooled": PooledRun, "local": LocalRun}

@@ -39,6 +39,7 @@ class RunState:
     stopped: dict[str, Any] | None = None  # {"round", "reason"} of an early stop
     synthesis: dict[str, Any] = field(default_factory=dict)  # client -> cost and counts
     personalized: dict[str, Any] = field(default_factory=dict)  # final/best -> client metrics
+    cross_site: dict[str, Any] = field(default_factory=dict)  # {round, models}
     privacy: dict[str, Any] = field(default_factory=dict)  # PrivacyLedger.summary, last round
 
 

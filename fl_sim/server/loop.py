@@ -38,7 +38,7 @@ from fl_sim.privacy.ledger import PrivacyLedger, trainer_key
 from fl_sim.server.checkpoints import Checkpoints, RunState, keep_rows_up_to
 from fl_sim.server.failures import WRITE_ERRORS, RunFailed, check_finite, finite_or_null
 from fl_sim.server.messaging import payload_bytes, sample_nodes, send_and_check, wait_for_clients
-from fl_sim.server.phases import Personalization, Synthesis
+from fl_sim.server.phases import CrossSiteEvaluation, Personalization, Synthesis
 from fl_sim.server.predictions import clear_predictions, save_predictions
 from fl_sim.server.rows import log_clients, log_privacy, mean_row, train_row
 from fl_sim.server.run_log import RunLog, write_json_atomic
@@ -85,7 +85,7 @@ class FederatedRun:
     (fl_sim.server.checkpoints); a run restarted after a crash continues from there. Clients
     draw their randomness from (seed, client, round), so a resumed run repeats the
     uninterrupted one exactly on CPU. The phases before round 1 and after the last are
-    objects the loop calls (fl_sim.server.phases).
+    objects the loop calls (fl_sim.server.phases); the baselines run them in process.
     """
 
     def __init__(self, study: StudyConfig, run: Run, run_dir: Path,
@@ -147,8 +147,10 @@ class FederatedRun:
         self.synthesis = self._synthesis() if self.cfg.synthesis is not None else None
         self.personalization = (
             Personalization(self.cfg.personalize.fine_tune_epochs, self.config,
-                            self.checkpoints, self._arrays_of)
+                            self.checkpoints, self._arrays_of,
+                            send_models=self.cfg.cross_site_eval)
             if self.cfg.personalize is not None else None)
+        self.cross_site = self._cross_site() if self.cfg.cross_site_eval else None
 
     # ------------------------------------------------------------------ start or resume
 
@@ -177,6 +179,10 @@ class FederatedRun:
     def _synthesis(self) -> Synthesis:
         """The synthesis phase (before round 1), through the clients."""
         return Synthesis(self.config)
+
+    def _cross_site(self) -> CrossSiteEvaluation:
+        """The cross-site evaluation phase (after the last round), through the clients."""
+        return CrossSiteEvaluation(self.config)
 
     def _initial(self) -> tuple[ArrayRecord, Any]:
         """The initial weights (the run's seeded model) and the strategy."""
@@ -336,11 +342,11 @@ class FederatedRun:
             try:
                 summary = self._rounds(arrays, strategy, state, grid, log)
             except BaseException:
-                # metrics.jsonl keeps the saved rounds only; the error in flight is the one
-                # to report, not one of these.
+                # metrics.jsonl keeps the saved rounds only (and the phases after the last
+                # round once all are done: a rerun repeats them); the error in flight is the
+                # one to report, not one of these.
                 with contextlib.suppress(OSError):
-                    if self.checkpoints.pending_round is not None:
-                        log.rollback()
+                    log.rollback()
                 with contextlib.suppress(OSError):
                     log.close()
                 raise
@@ -406,8 +412,13 @@ class FederatedRun:
                 self.on_round(RoundReport(server_round, self.cfg.rounds, seconds, global_test,
                                           federated_val, state.best_round))
         self.checkpoints.pending_round = None  # an early stop's next round never starts
-        if self.personalization is not None and not state.personalized and state.round:
-            state.personalized = self.personalization(arrays, query, state, log)
+        if state.round:  # the phases after the last round
+            personalized: dict[str, ArrayRecord] = {}
+            if self.personalization is not None:
+                state.personalized, personalized = self.personalization(arrays, query, state,
+                                                                        log)
+            if self.cross_site is not None:
+                state.cross_site = self.cross_site(personalized, query, state, log)
             log.commit()
         summary = self._write_summary(state, done=True)
         log.hparams(hparams_of(self.cfg), {
@@ -437,6 +448,7 @@ class FederatedRun:
             "bytes_received": state.bytes_received,
             **({"synthesis": state.synthesis} if state.synthesis else {}),
             **({"personalized": state.personalized} if state.personalized else {}),
+            **({"cross_site": state.cross_site} if state.cross_site else {}),
             **({"privacy": state.privacy} if state.privacy else {}),
             **({"adversary": {"clients": self.hostile, "attack": self.cfg.adversary.attack,
                               "strength": self.cfg.adversary.resolved_strength}}

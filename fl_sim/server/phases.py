@@ -1,7 +1,8 @@
 """The phases of a run besides its rounds, each an object the round loop calls: synthesis
-(a `query.synthesize` before round 1) and personalization (`query.personalize` after the
-last). A phase reaches the clients through the loop's `Query`, which counts the bytes and
-bounds the waits as a round's exchanges do."""
+(a `query.synthesize` before round 1), then after the last round personalization
+(`query.personalize`) and cross-site evaluation (`query.cross_evaluate`). A phase reaches
+the clients through the loop's `Query`, which counts the bytes and bounds the waits as a
+round's exchanges do."""
 
 from __future__ import annotations
 
@@ -66,17 +67,21 @@ def log_synthesis(reports: list[SynthesisReport], run_log: RunLog) -> dict:
 
 class Personalization:
     """Every client fine-tunes the final and the best global model on its own train
-    split and reports the personalized model's val/test metrics: rows of scope
-    `personalized` at the model's round, and summary.json's `personalized`."""
+    split and reports the personalized model's val/test metrics, with the paired test
+    against the global model on its test split: rows of scope `personalized` at the model's
+    round, and summary.json's `personalized`. With `send_models` (cross-site evaluation)
+    the clients send their personalized best models back."""
 
     def __init__(self, fine_tune_epochs: int, config: ConfigRecord, checkpoints: Checkpoints,
-                 arrays_of: Callable[[dict], ArrayRecord]) -> None:
-        self.epochs, self.config = fine_tune_epochs, config
+                 arrays_of: Callable[[dict], ArrayRecord], send_models: bool = False) -> None:
+        self.epochs, self.config, self.send_models = fine_tune_epochs, config, send_models
         # The best model, when it is not the final one, from best.pt's whole model.
         self.checkpoints, self.arrays_of = checkpoints, arrays_of
 
     def __call__(self, final: ArrayRecord, query: Query, state: RunState,
-                 run_log: RunLog) -> dict:
+                 run_log: RunLog) -> tuple[dict, dict[str, ArrayRecord]]:
+        """summary.json's `personalized`, and (`send_models`) the personalized best models
+        by name (`personalized_<client>`)."""
         log.info("personalize: every client fine-tunes the final and the best model for %d "
                  "epoch(s) on its own train split", self.epochs)
         models = {"final": (state.round, final)}
@@ -84,18 +89,64 @@ class Personalization:
             best = self.checkpoints.load_best()
             models["best"] = (state.best_round, self.arrays_of(best["state_dict"]))
         report: dict[str, Any] = {"fine_tune_epochs": self.epochs}
+        personalized: dict[str, ArrayRecord] = {}
         for which, (server_round, arrays) in models.items():
+            send = self.send_models and server_round == state.best_round
             content = RecordDict({"arrays": arrays, "config": ConfigRecord(
-                {**self.config, "server-round": server_round})})
+                {**self.config, "server-round": server_round, "send-model": send})})
             replies = query("personalize", content, server_round)
             clients = {str(int(m["partition-id"])): split_rows(m)
                        for m in (dict(reply.content["metrics"]) for reply in replies)}
-            report[which] = {"round": server_round, "clients": clients,
-                             "mean_test": mean_row([c["test"] for c in clients.values()])}
+            tests = [c["test"] for c in clients.values()]
+            report[which] = {"round": server_round, "clients": clients,  # (not a mean of intervals)
+                             "mean_test": mean_row(tests, [k for k in tests[0] if k != "n" and
+                                                           not k.endswith(("_lo", "_hi", "_p"))])}
+            if send:
+                personalized = {f"personalized_{int(r.content['metrics']['partition-id'])}":
+                                r.content["arrays"] for r in replies}
         # Rows only once every reply is in: a run cut here personalizes again, whole.
         for which in models:
             for client, splits in report[which]["clients"].items():
                 for split, row in splits.items():
                     run_log.row(report[which]["round"], "personalized", int(client), split, row)
         report.setdefault("best", report["final"])  # the best round was the last
-        return report
+        return report, personalized
+
+
+class CrossSiteEvaluation:
+    """After the last round, every model named (a client's personalized model) on every
+    client's test split, through the clients: rows of scope `cross_site` (`site_model` the
+    model's name, `client` the test split's) at the best round, and summary.json's
+    `cross_site`. The global model's row of the matrix is the clients' own evaluation at
+    that round (scope `client`)."""
+
+    def __init__(self, config: ConfigRecord, has_global_model: bool = True) -> None:
+        self.config, self.has_global_model = config, has_global_model
+
+    def __call__(self, models: dict[str, ArrayRecord], query: Query, state: RunState,
+                 run_log: RunLog) -> dict:
+        if models:
+            log.info("cross-site evaluation: %d models on every client's test split",
+                     len(models))
+        results = {name: self.evaluate(name, arrays, query, state.best_round)
+                   for name, arrays in models.items()}
+        log_cross_site(state.best_round, results, run_log)
+        return {"round": state.best_round,
+                "models": [*(["global"] if self.has_global_model else []), *models]}
+
+    def evaluate(self, name: str, arrays: ArrayRecord, query: Query,
+                 server_round: int) -> dict[int, dict]:
+        """Client -> the test row of model `name` on the client's test split."""
+        content = RecordDict({"arrays": arrays, "config": ConfigRecord(
+            {**self.config, "server-round": server_round})})
+        return {int(m["partition-id"]): split_rows(m, ("test",))["test"]
+                for m in (dict(r.content["metrics"])
+                          for r in query("cross_evaluate", content, server_round))}
+
+
+def log_cross_site(server_round: int, results: dict[str, dict[int, dict]],
+                   run_log: RunLog) -> None:
+    """Rows of scope `cross_site`: model -> client -> its test row, once all are in."""
+    for name, clients in results.items():
+        for client, row in sorted(clients.items()):
+            run_log.row(server_round, "cross_site", client, "test", row, model=name)

@@ -32,10 +32,11 @@ def mean_row(rows: list[dict[str, Any]], keys: list[str] | None = None) -> dict[
     return {**mean, "n": int(weights.sum())}
 
 
-def split_rows(metrics: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def split_rows(metrics: dict[str, Any], splits: tuple[str, ...] = SPLITS
+               ) -> dict[str, dict[str, Any]]:
     """A client's `val_*` / `test_*` metrics as a row per split (`n` an integer)."""
     rows = {}
-    for split in SPLITS:
+    for split in splits:
         prefix = f"{split}_"
         rows[split] = {k[len(prefix):]: v for k, v in metrics.items() if k.startswith(prefix)}
         rows[split]["n"] = int(rows[split]["n"])

@@ -86,15 +86,19 @@ class RunLog:
             raise
 
     def row(self, server_round: int, scope: str, client: int | None, split: str,
-            metrics: dict[str, float]) -> dict[str, Any]:
-        row = {"round": server_round, "scope": scope, "client": client, "split": split}
+            metrics: dict[str, float], model: str | None = None) -> dict[str, Any]:
+        """One row; `model` (column `site_model`: a study's `model` is its backbone) names
+        which of a scope's models it scores (cross-site: `local_0` on client 1's test split)."""
+        row = {"round": server_round, "scope": scope, "client": client, "split": split,
+               **({"site_model": model} if model else {})}
         row.update({k: metrics[k] for k in KEY_ORDER if k in metrics})
         row.update({k: v for k, v in metrics.items() if k not in row})
         # Strict JSON: a non-finite metric is null in the file (TensorBoard keeps the NaN).
         self._append(json_line({k: None if isinstance(v, float) and not math.isfinite(v) else v
                                 for k, v in row.items()}))
         prefix = (f"client_{client}" if scope == "client" else scope if client is None
-                  else f"{scope}/client_{client}")  # e.g. personalized/client_0/test/bacc
+                  else f"{scope}/{model + '/' if model else ''}client_{client}")
+        # e.g. personalized/client_0/test/bacc, cross_site/local_0/client_1/test/bacc
         with self.writing(self.events):
             for key, value in metrics.items():
                 if key != "n":

@@ -1,5 +1,5 @@
-"""A server that distrusts replies: each train or evaluate reply is checked against the
-message it answers before anything reads it, so that a broken or modified client (a
+"""A server that distrusts replies: each train or evaluate reply (and a personalization or
+cross-site evaluation reply) is checked against the message it answers before anything reads it, so that a broken or modified client (a
 SuperNode running other code) is refused, named, and the round goes on without it.
 
 A train reply must carry the arrays it was sent, by name, shape and dtype (a float for a
@@ -22,7 +22,8 @@ from fl_sim.strategies.scaffold import CONTROL, DELTA
 # A reply may be this many times the bytes of the message it answers, plus a slack for
 # metrics: a train reply is the model's size, an evaluate reply a few numbers.
 SIZE_FACTOR, SIZE_SLACK = 2, 1 << 20
-VETTED = ("train", "evaluate")  # queries (synthesis grids, personalization) are not
+# Synthesis's reply (a sample grid, shown in TensorBoard only) is not.
+VETTED = ("train", "evaluate", "personalize", "cross_evaluate")
 REPLY_METRICS = ("partition-id", "num-examples")
 
 
@@ -44,9 +45,12 @@ def refusal(reply: Message, sent: Message, kind: str) -> str | None:
            or not math.isfinite(metrics[k]) and k != "train_loss"]
     if bad or metrics["num-examples"] < 0:
         return f"its metrics {bad or ['num-examples']} are not finite non-negative numbers"
-    if kind == "train" and "arrays" in sent.content:
+    # A personalized model asked for travels on to every other client.
+    returns_model = kind == "train" or kind == "personalize" and bool(
+        sent.content["config"].get("send-model", False))
+    if returns_model and "arrays" in sent.content:
         return _array_refusal(reply, layout(sent.content["arrays"]),
-                              diverged=not math.isfinite(metrics["train_loss"]))
+                              diverged=not math.isfinite(metrics.get("train_loss", 0.0)))
     return None
 
 
@@ -54,7 +58,7 @@ def _array_refusal(reply: Message, sent: dict[str, tuple[str, tuple[int, ...]]],
                    diverged: bool) -> str | None:
     arrays = reply.content.get("arrays")
     if not isinstance(arrays, ArrayRecord):
-        return "its train reply has no arrays"
+        return "its reply has no arrays"
     if is_packed(arrays):  # still packed: its layout did not unpack (arrays.unpack)
         return "its packed arrays do not unpack"
     expected = {DELTA + k[len(CONTROL):] if k.startswith(CONTROL) else k: kind
