@@ -27,6 +27,7 @@ from fl_sim.server.loop import RoundReport
 from fl_sim.server.run_log import read_summary
 from fl_sim.server.server_app import make_server_app
 from fl_sim.strategies import build_strategy
+from fl_sim.tracking import check_store, export_finished, mlflow_module
 
 
 def quiet_flower(verbose: bool) -> None:
@@ -157,10 +158,18 @@ def run_study(study: StudyConfig, runs: list[Run], console: Console | None = Non
     and resuming it would only diverge again. FlSimError at the end lists the failed runs."""
     console = console or Console()
     quiet_flower(verbose)
+    mlflow = "mlflow" in study.tracking
+    if mlflow:
+        mlflow_module()  # installed, before minutes of data preparation
     data = prepare_data(study.data)  # builds the cache once, before any client process starts
     check_runs(runs, data.num_clients)
     stop = SignalStop()
-    with study_lock(Path(study.out) / study.study), stop.installed():
+    study_dir = Path(study.out) / study.study
+    with study_lock(study_dir), stop.installed():
+        if mlflow:
+            check_store(study_dir)
+            export_finished(study_dir, study.study,
+                            [run.dir(study) for run in runs if is_complete(run.dir(study))])
         return _run_all(study, runs, data.num_clients, console, verbose, stop)
 
 

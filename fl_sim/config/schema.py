@@ -544,6 +544,10 @@ class RunConfig(Strict):
 class StudyConfig(Strict):
     study: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$")
     out: Path = Field(Path("runs"), description="output directory; runs land in <out>/<study>/")
+    tracking: list[Literal["tensorboard", "mlflow"]] = Field(
+        ["tensorboard"], min_length=1,
+        description="where metrics go besides metrics.jsonl: tensorboard (always), and "
+                    "mlflow (a local store in <out>/<study>/mlflow.db)")
     data: DataConfig = DataConfig()
     defaults: RunConfig = RunConfig()
     grid: dict[str, list[Any]] | list[dict[str, list[Any]]] = Field(
@@ -553,6 +557,14 @@ class StudyConfig(Strict):
     @property
     def grids(self) -> list[dict[str, list[Any]]]:
         return self.grid if isinstance(self.grid, list) else [self.grid]
+
+    @model_validator(mode="after")
+    def _tensorboard_is_written(self) -> StudyConfig:
+        if "tensorboard" not in self.tracking:
+            raise ValueError("tracking: TensorBoard is always written (fl-sim's figures and "
+                             "HParams live there); list it, with mlflow beside it: "
+                             "[tensorboard, mlflow]")
+        return self
 
     @model_validator(mode="after")
     def _grid_gives_runs(self) -> StudyConfig:

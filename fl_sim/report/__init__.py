@@ -18,6 +18,7 @@ from fl_sim.report.privacy import privacy_section
 from fl_sim.report.probes import probes_section
 from fl_sim.report.tables import seed_table, versus_pooled
 from fl_sim.report.uncertainty import Bootstrap, with_intervals
+from fl_sim.tracking import STORE, log_report
 
 __all__ = ["Study", "load_study", "seed_table", "write_report"]
 
@@ -40,4 +41,6 @@ def write_report(study_dir: Path) -> Path:
              *probes_section(study)]
     (out / "report.md").write_text(render(study, table, versus, boot, figures, extra),
                                    encoding="utf-8")
+    if (study.folder / STORE).exists():  # the study tracks with MLflow
+        log_report(study.folder, study.name, sorted(p for p in out.iterdir() if p.is_file()))
     return out / "report.md"

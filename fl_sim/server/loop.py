@@ -46,6 +46,7 @@ from fl_sim.server.schedule import LRSchedule
 from fl_sim.strategies import build_strategy
 from fl_sim.strategies.registry import sample_size
 from fl_sim.task import build_model, load_data
+from fl_sim.tracking import open_mirror
 
 
 class PhaseTimer:
@@ -338,7 +339,10 @@ class FederatedRun:
             None if saved["round"] == self.cfg.rounds or saved["stopped"] else saved["round"] + 1)
         try:
             arrays, strategy, state = self._start_or_resume(ckpt)
-            log = RunLog(self.run_dir, purge_step=state.round + 1 if state.round else None)
+            mirror = (open_mirror(self.run_dir, self.study.study, self.resolved)
+                      if "mlflow" in self.study.tracking else None)
+            log = RunLog(self.run_dir, purge_step=state.round + 1 if state.round else None,
+                         mirror=mirror)
             try:
                 summary = self._rounds(arrays, strategy, state, grid, log)
             except BaseException:
@@ -350,7 +354,7 @@ class FederatedRun:
                 with contextlib.suppress(OSError):
                     log.close()
                 raise
-            log.close()
+            log.close(finished=True)
             return summary
         except OSError as err:
             if err.errno not in WRITE_ERRORS:

@@ -14,7 +14,7 @@ import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -25,6 +25,15 @@ from fl_sim.errors import FlSimError
 
 KEY_ORDER = ("round", "scope", "client", "split", "n", "loss", "acc", "bacc", "precision",
              "recall", "f1", "avg")
+ROW_KEYS = ("round", "scope", "client", "split", "site_model", "n")  # what a row is of
+
+
+class Mirror(Protocol):
+    """Another tracker that gets each saved round's rows (fl_sim.tracking.MlflowMirror)."""
+
+    def commit(self, points: list[tuple[int, dict[str, float]]]) -> None: ...
+
+    def close(self, finished: bool) -> None: ...
 LAYOUT_METRICS = ("acc", "bacc", "precision", "recall", "f1", "avg", "loss")
 
 
@@ -32,16 +41,29 @@ def json_line(row: dict[str, Any]) -> str:
     return json.dumps(row) + "\n"
 
 
+def row_tags(row: dict[str, Any]) -> dict[str, float]:
+    """A row's numbers under their TensorBoard tags: `global/test/bacc`, `client_0/val/acc`,
+    `personalized/client_0/test/bacc`, `cross_site/local_0/client_1/test/bacc`."""
+    scope, client, model = row["scope"], row["client"], row.get("site_model")
+    prefix = (f"client_{client}" if scope == "client" else scope if client is None
+              else f"{scope}/{model + '/' if model else ''}client_{client}")
+    return {f"{prefix}/{row['split']}/{k}": v for k, v in row.items()
+            if k not in ROW_KEYS and isinstance(v, (int, float))}
+
+
 class RunLog:
     """Appends metric rows for one run.
 
     `purge_step` (on resume) makes TensorBoard drop the events a cut-off round left behind;
-    `rollback` drops the rows written since the last `commit` (a round that was not saved).
-    An OSError of any write names the file it was writing (a full disk's error names none).
+    `rollback` drops the rows written since the last `commit` (a round that was not saved);
+    a `mirror` gets the rows of each commit. An OSError of any write names the file it was
+    writing (a full disk's error names none).
     """
 
-    def __init__(self, run_dir: Path, purge_step: int | None = None) -> None:
-        self.run_dir = run_dir
+    def __init__(self, run_dir: Path, purge_step: int | None = None,
+                 mirror: Mirror | None = None) -> None:
+        self.run_dir, self.mirror = run_dir, mirror
+        self._uncommitted: list[tuple[int, dict[str, float]]] = []
         metrics = run_dir / "metrics.jsonl"
         with self.writing(metrics):
             # Unbuffered: a row is one write, which a failure can take back whole.
@@ -96,13 +118,12 @@ class RunLog:
         # Strict JSON: a non-finite metric is null in the file (TensorBoard keeps the NaN).
         self._append(json_line({k: None if isinstance(v, float) and not math.isfinite(v) else v
                                 for k, v in row.items()}))
-        prefix = (f"client_{client}" if scope == "client" else scope if client is None
-                  else f"{scope}/{model + '/' if model else ''}client_{client}")
-        # e.g. personalized/client_0/test/bacc, cross_site/local_0/client_1/test/bacc
+        tags = row_tags(row)
         with self.writing(self.events):
-            for key, value in metrics.items():
-                if key != "n":
-                    self._tb.add_scalar(f"{prefix}/{split}/{key}", value, server_round)
+            for tag, value in tags.items():
+                self._tb.add_scalar(tag, value, server_round)
+        if self.mirror is not None:
+            self._uncommitted.append((server_round, tags))
         return row
 
     def _append(self, line: str) -> None:
@@ -121,10 +142,14 @@ class RunLog:
     def commit(self) -> None:
         """The rows written so far belong to saved rounds."""
         self._committed = self._jsonl.seek(0, os.SEEK_END)
+        if self.mirror is not None:
+            self.mirror.commit(self._uncommitted)
+        self._uncommitted = []
 
     def rollback(self) -> None:
         """Drop the rows written since the last commit (truncating needs no free space)."""
         self._jsonl.truncate(self._committed)
+        self._uncommitted = []
 
     def scalar(self, tag: str, value: float, server_round: int) -> None:
         with self.writing(self.events):
@@ -171,13 +196,16 @@ class RunLog:
             for tag, value in metrics.items():
                 self._tb.add_scalar(tag, value)
 
-    def close(self) -> None:
-        """Closes every file, even when a write to one of them fails."""
+    def close(self, finished: bool = False) -> None:
+        """Closes every file, even when a write to one of them fails; `finished`: the run
+        is complete (its mirror's status)."""
         try:
             self._wait_for_figure()
         finally:
             self._figures.shutdown()
             self._jsonl.close()
+            if self.mirror is not None:
+                self.mirror.close(finished)
             with self.writing(self.events):
                 self._tb.close()
 
