@@ -214,7 +214,9 @@ def test_insecure_federation_runs_two_rounds_over_grpc(federation, tmp_path, cap
     fed.superlink("--insecure")
     for i in range(3):
         assert fed.supernode(i, "--insecure") == 0
-    study = write_study(tmp_path / "s.yaml", tmp_path / "out", rounds=2)
+    # Personalized models travel through the SuperLink to every node (cross-site evaluation).
+    after = {"personalize": {"fine_tune_epochs": 1}, "cross_site_eval": True}
+    study = write_study(tmp_path / "s.yaml", tmp_path / "out", rounds=2, **after)
 
     assert deploy("submit", study, "--stream") == 0
 
@@ -236,8 +238,12 @@ def test_insecure_federation_runs_two_rounds_over_grpc(federation, tmp_path, cap
         assert "Traceback" not in fed.log(f"supernode-{i}-worker")
 
     # The same run simulated gives the same numbers, to the last digit.
-    simulated = write_study(tmp_path / "sim.yaml", tmp_path / "sim", rounds=2)
+    simulated = write_study(tmp_path / "sim.yaml", tmp_path / "sim", rounds=2, **after)
     assert cli_main(["run", str(simulated)]) == 0
+    cross_site = [{(r["site_model"], r["client"]): (r["acc"], r["bacc"]) for r in rows(d)
+                   if r["scope"] == "cross_site"}
+                  for d in (run_dir, tmp_path / "sim/deploy" / run_dir.name)]
+    assert len(cross_site[0]) == 9 and cross_site[0] == cross_site[1]
     summary = json.loads((tmp_path / "sim/deploy" / run_dir.name / "summary.json").read_text())
     for when in ("final", "best"):
         assert summary[when].keys() == deployed[when].keys()
