@@ -22,9 +22,10 @@ from fl_sim.data_partition import prepare_data
 from fl_sim.errors import FlSimError
 from fl_sim.models import timm_name
 from fl_sim.server.baselines import BASELINE_RUNS
+from fl_sim.server.checkpoints import another_configuration, changed_settings
 from fl_sim.server.failures import Interrupted, RunFailed, failed_before, stop_requested
 from fl_sim.server.loop import RoundReport
-from fl_sim.server.run_log import read_summary
+from fl_sim.server.run_log import read_config, read_summary
 from fl_sim.server.server_app import make_server_app
 from fl_sim.strategies import build_strategy
 from fl_sim.tracking import check_store, export_finished, mlflow_module
@@ -191,6 +192,11 @@ class StudyProgress:
         """False (and says so) for a run that finished or failed before."""
         run_dir = run.dir(self.study)
         if is_complete(run_dir):
+            # A finished run is kept only while it is still the run the study asks for.
+            saved = read_config(run_dir)
+            if saved is not None and (changed := changed_settings(saved,
+                                                                  run.resolved(self.study))):
+                raise FlSimError(another_configuration(run_dir, changed))
             self.console.print(f"{self._number(run)}: finished before, skipped")
             return False
         if failure := failed_before(run_dir):

@@ -22,10 +22,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from fl_sim.config import flatten
 from fl_sim.errors import FlSimError
-from fl_sim.server.run_log import read_metrics, row_tags
+from fl_sim.server.run_log import read_config, read_metrics, row_tags
 
 log = logging.getLogger(__name__)
 
@@ -57,17 +56,6 @@ def check_store(study_dir: Path) -> None:
     except sqlite3.Error as err:
         raise FlSimError(f"the study's MLflow store {db} cannot be opened as a SQLite database "
                          f"({err}): move it away, or remove mlflow from tracking.") from None
-
-
-def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
-    """Nested settings as MLflow params: `run_config.strategy.name` -> `fedavg`."""
-    out: dict[str, str] = {}
-    for key, value in config.items():
-        if isinstance(value, dict):
-            out.update(flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = str(value)
-    return out
 
 
 class MlflowStudy:
@@ -112,7 +100,7 @@ class MlflowMirror:
     def __init__(self, study: MlflowStudy, run_name: str, resolved: dict[str, Any],
                  rows: list[tuple[int, dict[str, float]]]) -> None:
         self.study = study
-        self.run_id = study.new_run(run_name, flatten(resolved))
+        self.run_id = study.new_run(run_name, flatten(resolved, render=str))
         self.broken = False  # a write failed: the MLflow run lacks rows from there on
         self.commit(rows)
 
@@ -165,8 +153,8 @@ def export_finished(study_dir: Path, study: str, run_dirs: list[Path]) -> None:
         store = MlflowStudy(study_dir, study)
         for run_dir in run_dirs:
             if not store.runs_named(run_dir.name):
-                resolved = yaml.safe_load((run_dir / "config.yaml").read_text())
-                MlflowMirror(store, run_dir.name, resolved, saved_rows(run_dir)).close(True)
+                MlflowMirror(store, run_dir.name, read_config(run_dir) or {},
+                             saved_rows(run_dir)).close(True)
     except FlSimError:
         raise
     except Exception as err:  # noqa: BLE001

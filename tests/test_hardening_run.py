@@ -398,3 +398,19 @@ def test_a_simulation_stops_with_ray_and_its_clients(tmp_path, cache, signum, gr
     run_dir = the_run(path)[2]
     proc, log = start(path)
     stop_and_check(proc, log, run_dir, signum, group)
+
+
+def test_a_finished_run_whose_settings_changed_is_refused_naming_them(tmp_path, cache, capsys):
+    """Issue #25, item 2: not "finished before, skipped" with the old results kept."""
+    assert main(["run", str(study_file(tmp_path, cache, rounds=1))]) == 0
+    summary = (tmp_path / "runs/hard").glob("*/summary.json")
+    before = [p.read_text() for p in summary]
+    capsys.readouterr()
+    assert main(["run", str(study_file(tmp_path, cache, rounds=2))]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "holds a run with other settings" in err and "changed: run_config.rounds)" in err
+    assert [p.read_text() for p in (tmp_path / "runs/hard").glob("*/summary.json")] == before
+    # Only scheduling changed: still the same run, still skipped.
+    assert main(["run", str(study_file(tmp_path, cache, rounds=1,
+                                       resources={"num_cpus": 1}))]) == 0
+    assert "finished before, skipped" in capsys.readouterr().out

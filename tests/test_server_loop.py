@@ -8,7 +8,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fl_sim.config import RunConfig
 from fl_sim.errors import FlSimError
-from fl_sim.server.checkpoints import results_config
+from fl_sim.server.checkpoints import changed_settings, results_config
 from fl_sim.server.messaging import send_and_check, wait_for_clients
 from fl_sim.server.rows import TRAIN_METRICS
 
@@ -91,6 +91,17 @@ def test_a_run_resumes_under_other_resources_but_not_another_configuration():
     assert results_config(now) == results_config(saved)
     now["run_config"]["optimizer"]["lr"] = 0.1
     assert results_config(now) != results_config(saved)
+
+
+def test_the_changed_settings_are_named_and_the_cache_folder_is_not_one():
+    saved = {"study": "s", "run": "r", "data": {"dataset": "synthetic", "cache_dir": "/a"},
+             "run_config": {"rounds": 5, "optimizer": {"name": "sgd", "lr": 0.01}}}
+    now = copy.deepcopy(saved)
+    now["data"]["cache_dir"] = "/b"
+    assert changed_settings(saved, now) == []
+    now["data"]["max_images"] = 20
+    now["run_config"]["rounds"] = 6
+    assert changed_settings(saved, now) == ["data.max_images", "run_config.rounds"]
 
 
 def test_a_run_saved_before_a_key_was_added_resumes_under_its_default():

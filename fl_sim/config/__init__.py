@@ -8,13 +8,13 @@ from fl_sim.config.schema import (
     OptimizerConfig, PartitionConfig, PersonalizeConfig, PrivacyConfig, ResourcesConfig, Run,
     RunConfig, StrategyConfig, StudyConfig, SynthesisConfig,
 )
-from fl_sim.config.study import expand_grid, format_validation_error, load_study
+from fl_sim.config.study import expand_grid, flatten, format_validation_error, load_study
 
 __all__ = [
     "BASELINES", "AdversaryConfig", "AugmentConfig", "AvailabilityConfig", "ClipConfig",
     "DataConfig", "FinetuneConfig", "GlobalTestConfig", "LossConfig", "LRScheduleConfig",
     "ModelConfig", "OptimizerConfig", "PartitionConfig", "PersonalizeConfig", "PrivacyConfig",
     "ResourcesConfig", "Run", "RunConfig", "StrategyConfig", "StudyConfig", "SynthesisConfig",
-    "expand_grid", "format_validation_error", "load_study", "proximal_mu", "recipe_label",
+    "expand_grid", "flatten", "format_validation_error", "load_study", "proximal_mu", "recipe_label",
     "run_labels", "run_name",
 ]

@@ -594,3 +594,9 @@ class Run(BaseModel):
     def dir(self, study: StudyConfig) -> Path:
         """`<out>/<study>/<run-name>/`, the run-directory contract of DESIGN.md."""
         return Path(study.out) / study.study / self.name
+
+    def resolved(self, study: StudyConfig) -> dict[str, Any]:
+        """The run's config.yaml: everything its results depend on, as written."""
+        return {"study": study.study, "run": self.name,
+                "data": study.data.model_dump(mode="json"),
+                "run_config": self.config.model_dump(mode="json")}

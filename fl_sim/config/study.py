@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Hashable
+import json
+from collections.abc import Callable, Hashable
 from pathlib import Path
 from typing import Any
 
@@ -157,4 +158,14 @@ def _expand_one(base: dict[str, Any], keys: list[str], combo: tuple) -> Run:
     return Run(name="_".join([run_name(config), *extras]), config=config)
 
 
-
+def flatten(config: dict[str, Any], prefix: str = "",
+            render: Callable[[Any], str] = json.dumps) -> dict[str, str]:
+    """Dotted keys -> the values as text (JSON by default, so that lists and nulls compare
+    as values). An empty mapping (`params: {}`) gives no key: it sets nothing."""
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}.", render))
+        else:
+            out[f"{prefix}{key}"] = render(value)
+    return out

@@ -21,7 +21,7 @@ import pandas as pd
 import yaml
 from pydantic import ValidationError
 
-from fl_sim.config import RunConfig, format_validation_error, recipe_label, run_labels
+from fl_sim.config import RunConfig, flatten, format_validation_error, recipe_label, run_labels
 from fl_sim.errors import FlSimError
 from fl_sim.metrics import HEADLINE
 from fl_sim.server.run_log import read_metrics
@@ -193,7 +193,7 @@ def _read_rows(run_dir: Path, on_torn: Callable[[int], None]) -> list[dict[str, 
 def _varying_settings(configs: list[dict[str, Any]]) -> pd.DataFrame:
     """One row per run: the config keys that vary across runs but no label names."""
     # Through the schema: a key added since a run was made reads as its default there.
-    flat = pd.DataFrame([_flatten({"data": c.get("data"), "run_config": RunConfig.model_validate(
+    flat = pd.DataFrame([flatten({"data": c.get("data"), "run_config": RunConfig.model_validate(
         c["run_config"]).model_dump(mode="json")}) for c in configs])
     return flat[[k for k in flat.columns if k not in _NAMED_KEYS
                  and not k.startswith(_HINT_PREFIXES) and flat[k].nunique(dropna=False) > 1]]
@@ -229,15 +229,3 @@ def _suffixes(settings: pd.DataFrame) -> list[str]:
     return ["" if not keys else " [" + ", ".join(
         str(row[k]) if k == "recipe" else f"{k.removeprefix('run_config.')}={row[k]}"
         for k in keys if not pd.isna(row[k])) + "]" for _, row in settings.iterrows()]
-
-
-def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
-    """Dotted keys -> JSON text of the values, so that lists and nulls compare as values. An
-    empty mapping (`params: {}`) gives no key: it sets nothing."""
-    out = {}
-    for key, value in config.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = json.dumps(value)
-    return out

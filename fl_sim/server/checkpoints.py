@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from fl_sim.config import RunConfig
+from fl_sim.config import DataConfig, RunConfig, flatten
 from fl_sim.errors import FlSimError
 from fl_sim.server.failures import WRITE_ERRORS, failed_before, not_resumed, rounds_kept
 from fl_sim.server.run_log import RunLog, json_line, read_metrics
@@ -45,15 +45,33 @@ class RunState:
 
 def results_config(resolved: dict) -> dict:
     """What a resumed run must share with its checkpoint: all but `resources`, which only
-    schedules clients (a run started with num_cpus 1 may resume under `auto`). Both sides
-    pass through the current schema, so a checkpoint written before a key was added (or a
-    value spelt another way: `augment: true`) compares by what it means."""
-    try:
-        run_config = RunConfig.model_validate(resolved.get("run_config", {})).model_dump(
-            mode="json", exclude={"resources"})
-    except ValueError:  # not a run of this schema: compared as written, so never equal
-        run_config = resolved.get("run_config")
-    return {**resolved, "run_config": run_config}
+    schedules clients (a run started with num_cpus 1 may resume under `auto`), and
+    `data.cache_dir`, where decoded images are kept. Both sides pass through the current
+    schema, so a checkpoint written before a key was added (or a value spelt another way:
+    `augment: true`) compares by what it means."""
+    def current(schema: type, key: str, exclude: str) -> Any:
+        try:
+            return schema.model_validate(resolved.get(key, {})).model_dump(
+                mode="json", exclude={exclude})
+        except ValueError:  # not of this schema: compared as written, so never equal
+            return resolved.get(key)
+
+    return {**resolved, "data": current(DataConfig, "data", "cache_dir"),
+            "run_config": current(RunConfig, "run_config", "resources")}
+
+
+def changed_settings(before: dict, now: dict) -> list[str]:
+    """The settings (dotted keys) in which two resolved configs differ for the results."""
+    old, new = flatten(results_config(before)), flatten(results_config(now))
+    return sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+
+
+def another_configuration(run_dir: Path, changed: list[str]) -> str:
+    """The refusal of a run folder that holds a run of other settings."""
+    shown = ", ".join(changed[:6]) + (f" and {len(changed) - 6} more" if len(changed) > 6 else "")
+    return (f"{run_dir} holds a run with other settings than the study's now (changed: "
+            f"{shown}); put them back, or delete that folder or change `out`/`study` to keep "
+            "both.")
 
 
 def keep_rows_up_to(run_dir: Path, server_round: int) -> None:
@@ -89,10 +107,8 @@ class Checkpoints:
         if not self.last.exists():
             return None
         ckpt = self._load(self.last)
-        if results_config(ckpt.get("config") or {}) != results_config(self.resolved):
-            raise FlSimError(
-                f"{self.run_dir} holds a run with another configuration; delete that folder "
-                "or change `out`/`study` to keep both.")
+        if changed := changed_settings(ckpt.get("config") or {}, self.resolved):
+            raise FlSimError(another_configuration(self.run_dir, changed))
         return ckpt
 
     def load_best(self) -> dict:

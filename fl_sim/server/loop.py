@@ -141,9 +141,7 @@ class FederatedRun:
         if self.min_clients > self.data.num_clients:
             raise FlSimError(f"min_clients {self.min_clients} exceeds the partition's "
                              f"{self.data.num_clients} clients: lower it.")
-        self.resolved = {"study": study.study, "run": run.name,
-                         "data": study.data.model_dump(mode="json"),
-                         "run_config": self.cfg.model_dump(mode="json")}
+        self.resolved = run.resolved(study)
         self.checkpoints = Checkpoints(run_dir, self.resolved, run.name, self.data.classes)
         self.synthesis = self._synthesis() if self.cfg.synthesis is not None else None
         self.personalization = (
