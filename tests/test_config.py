@@ -110,6 +110,8 @@ def test_baselines_and_recipes_are_grid_keys_named_in_the_run(tmp_path):
     ({"strategy": {"name": "pooled", "params": {"eta": 0.1}}}, "'pooled' takes none"),
     ({"training": "clip", "loss": {"name": "weighted_ce"}}, "the CLIP variant's loss is `clip.loss`"),
     ({"sampler": "balance"}, "sampler: Input should be 'shuffle' or 'balanced'"),
+    ({"rounds": 2, "lr_schedule": {"name": "cosine", "warmup_rounds": 2}},
+     "the warm-up reaches the base rate at round 3, so no round would train at it"),
 ])
 def test_recipe_mistakes_are_named(tmp_path, defaults, message):
     with pytest.raises(FlSimError, match=message.replace("(", r"\(").replace("`", ".")):

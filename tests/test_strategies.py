@@ -188,3 +188,31 @@ def test_fedbn_refuses_a_model_without_batchnorm(tmp_path):
     with pytest.raises(FlSimError, match="fedbn keeps each client's BatchNorm layers, but "
                                          "test_convnext has none"):
         FederatedRun(study, run, run.dir(study))
+
+
+@pytest.mark.parametrize("cfg, clients, message", [
+    ({"name": "krum", "params": {"num_malicious_nodes": 2}}, 6,
+     "needs n > 2f [+] 2 .*at least 7 updates a round, and a round has 6.*lower "
+     "num_malicious_nodes to 1"),
+    ({"name": "multikrum", "params": {"num_malicious_nodes": 1}}, 10,
+     None),
+    ({"name": "multikrum", "params": {"num_nodes_to_select": 5, "num_malicious_nodes": 1}},
+     5, "at most n - f = 4 of a round's 5; it is 5"),
+    ({"name": "bulyan"}, 2, "n >= 4f [+] 3 .*at least 3 updates a round, and a round has 2 .*: use more"),
+    ({"name": "bulyan", "params": {"num_malicious_nodes": 1}, "fraction_train": 0.5}, 10,
+     "at least 7 updates a round, and a round has 5 .*lower num_malicious_nodes to 0"),
+    ({"name": "fedtrimmedavg", "params": {"beta": 0.6}}, 5, "strategy fedtrimmedavg: .*beta"),
+])
+def test_robust_rules_that_a_round_cannot_satisfy_are_refused(cfg, clients, message):
+    """Issue #25, item 2: not clamped by Flower in silence, nor "aggregated nothing"."""
+    from fl_sim.config import StrategyConfig
+    from fl_sim.errors import FlSimError
+    from fl_sim.strategies import build_strategy
+
+    strategy = StrategyConfig.model_validate(cfg)
+    if message is None:
+        build_strategy(strategy, clients)
+        return
+    with pytest.raises(FlSimError, match=message):
+        build_strategy(strategy, clients)
+

@@ -481,6 +481,16 @@ class RunConfig(Strict):
     seed: int = Field(0, ge=0)
 
     @model_validator(mode="after")
+    def _warmup_ends_before_the_last_round(self) -> RunConfig:
+        warmup = self.lr_schedule.warmup_rounds or 0
+        if warmup >= self.rounds:
+            raise ValueError(
+                f"lr_schedule.warmup_rounds {warmup} with {self.rounds} rounds: the warm-up "
+                f"reaches the base rate at round {warmup + 1}, so no round would train at it; "
+                f"use at most {self.rounds - 1} warm-up rounds")
+        return self
+
+    @model_validator(mode="after")
     def _personalize_is_federated(self) -> RunConfig:
         if self.personalize is not None and self.strategy.name in BASELINES:
             raise ValueError(f"personalize fine-tunes a federated model at each client; "

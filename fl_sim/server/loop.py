@@ -273,6 +273,10 @@ class FederatedRun:
             why = (" Under privacy.client_level every sampled client must reply: the noise is "
                    "calibrated to them." if self.cfg.privacy and self.cfg.privacy.client_level
                    else "")
+            if self.cfg.strategy.name == "bulyan":
+                f = int(self.cfg.strategy.params.get("num_malicious_nodes", 0))
+                why = (f" {len(replies)} updates arrived, and Bulyan needs 4f + 3 = {4 * f + 3} "
+                       f"(num_malicious_nodes {f}): clients failed or sat out.")
             raise FlSimError(f"round {server_round}: {self.cfg.strategy.name} aggregated "
                              f"nothing.{why}")
         phase("aggregate")

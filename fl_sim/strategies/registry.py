@@ -55,6 +55,26 @@ def sample_size(num_clients: int, fraction: float) -> int:
     return min(num_clients, max(1, round(num_clients * fraction)))
 
 
+def check_bounds(cfg: StrategyConfig, n: int) -> None:
+    """Refuse a robust rule's settings that `n` updates a round cannot satisfy: Flower would
+    clamp them in silence (Krum) or aggregate nothing (Bulyan)."""
+    f = int(cfg.params.get("num_malicious_nodes", 0))
+    need = {"krum": (2 * f + 3, "n > 2f + 2 (Blanchard et al. 2017)", (n - 3) // 2),
+            "multikrum": (2 * f + 3, "n > 2f + 2 (Blanchard et al. 2017)", (n - 3) // 2),
+            "bulyan": (4 * f + 3, "n >= 4f + 3 (El Mhamdi et al. 2018)", (n - 3) // 4)}
+    if cfg.name in need and n < need[cfg.name][0]:
+        least, rule, most = need[cfg.name]
+        fix = (f"lower num_malicious_nodes to {most}, or " if most >= 0 else "")
+        raise FlSimError(
+            f"strategy {cfg.name} with num_malicious_nodes {f} needs {rule}, at least {least} "
+            f"updates a round, and a round has {n} (clients x fraction_train): {fix}use "
+            "more clients.")
+    selected = int(cfg.params.get("num_nodes_to_select", 1))
+    if cfg.name == "multikrum" and not 1 <= selected <= n - f:
+        raise FlSimError(f"strategy multikrum averages num_nodes_to_select updates, at least 1 "
+                         f"and at most n - f = {n - f} of a round's {n}; it is {selected}.")
+
+
 def build_strategy(cfg: StrategyConfig, num_clients: int, min_clients: int | None = None,
                    trainable: Iterable[str] | None = None,
                    client_lr: float | None = None) -> fl.FedAvg:
@@ -69,6 +89,7 @@ def build_strategy(cfg: StrategyConfig, num_clients: int, min_clients: int | Non
             f"strategy.params has {sorted(unknown)}, which {cfg.name} does not take; "
             f"it takes: {sorted(strategy_params(cfg.name)) or 'nothing'}."
         )
+    check_bounds(cfg, sample_size(num_clients, cfg.fraction_train))
     kwargs = dict(cfg.params)
     if cfg.name == "fedprox":
         kwargs["proximal_mu"] = proximal_mu(cfg)
@@ -82,15 +103,18 @@ def build_strategy(cfg: StrategyConfig, num_clients: int, min_clients: int | Non
     needed = min(num_clients if min_clients is None else min_clients,
                  sample_size(num_clients, cfg.fraction_train),
                  sample_size(num_clients, cfg.fraction_evaluate))
-    strategy = STRATEGIES[cfg.name](
-        fraction_train=1.0,
-        fraction_evaluate=1.0,
-        min_train_nodes=needed,
-        min_evaluate_nodes=needed,
-        min_available_nodes=needed,
-        weighted_by_key="unit-weight" if cfg.weighting == "uniform" else "num-examples",
-        **kwargs,
-    )
+    try:
+        strategy = STRATEGIES[cfg.name](
+            fraction_train=1.0,
+            fraction_evaluate=1.0,
+            min_train_nodes=needed,
+            min_evaluate_nodes=needed,
+            min_available_nodes=needed,
+            weighted_by_key="unit-weight" if cfg.weighting == "uniform" else "num-examples",
+            **kwargs,
+        )
+    except ValueError as err:  # Flower's own checks (FedTrimmedAvg's beta, ...)
+        raise FlSimError(f"strategy {cfg.name}: {err} (strategy.params {cfg.params})") from None
     if isinstance(strategy, (fedopt.ParametersOnly, Scaffold)) and trainable is not None:
         strategy.trainable = frozenset(trainable)
     if isinstance(strategy, Scaffold):
