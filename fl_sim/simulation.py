@@ -162,6 +162,12 @@ def run_study(study: StudyConfig, runs: list[Run], console: Console | None = Non
     mlflow = "mlflow" in study.tracking
     if mlflow:
         mlflow_module()  # installed, before minutes of data preparation
+    if not _ray_address():  # this machine's cores and GPUs are known before Ray starts
+        for run in runs:
+            if run.config.strategy.name not in BASELINES:
+                wanted = run.config.resources
+                check_resources(1.0 if wanted.num_cpus == "auto" else float(wanted.num_cpus),
+                                wanted.num_gpus, local_resources(), cluster=False)
     data = prepare_data(study.data)  # builds the cache once, before any client process starts
     check_runs(runs, data.num_clients)
     stop = SignalStop()
@@ -304,6 +310,8 @@ def _simulate(study: StudyConfig, runs: list[Run], num_clients: int, progress: S
         ray.init(runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(sys.path)}},
                  **init_args)
         signal.signal(signal.SIGTERM, handler)
+        # Flower's engine would start no actor and then never exit.
+        check_resources(cpus, resources.num_gpus, ray.cluster_resources(), bool(cluster))
         run_simulation(
             server_app=make_server_app(study, runs, progress.execute),
             client_app=_client_app(),
@@ -334,6 +342,26 @@ def client_cpus(requested: float | str, num_clients: int, cores: int | None) -> 
     # A hair under cores / k: Flower starts int(cores / share) actors, which float error in
     # cores / k can make k - 1 (9 cores, 7 clients: 6 actors, and a second wave for one).
     return cores / min(k, num_clients) * (1 - 1e-9)
+
+
+def check_resources(cpus: float, gpus: float, available: dict[str, float],
+                    cluster: bool) -> None:
+    """Refuse a client's share of CPUs or GPUs that Ray has none of room for."""
+    where = "the Ray cluster (FL_SIM_RAY_ADDRESS)" if cluster else "this machine"
+    for name, asked, key in (("num_cpus", cpus, "CPU"), ("num_gpus", gpus, "GPU")):
+        has = float(available.get(key, 0))
+        if asked > has:
+            raise FlSimError(
+                f"resources.{name}: each client asks for {asked:g} {key}(s), and {where} has "
+                f"{has:g}, so Ray could start no client. Lower resources.{name} (num_cpus: "
+                f"auto fits the cores; num_gpus: 0 trains on the CPU).")
+
+
+def local_resources() -> dict[str, float]:
+    """What a local Ray will have: this process's cores and the GPUs CUDA shows it."""
+    import torch
+
+    return {"CPU": float(local_cores()), "GPU": float(torch.cuda.device_count())}
 
 
 def local_cores() -> int:

@@ -5,7 +5,8 @@ import os
 import pytest
 
 from fl_sim.config import ResourcesConfig
-from fl_sim.simulation import client_cpus, local_cores
+from fl_sim.errors import FlSimError
+from fl_sim.simulation import check_resources, client_cpus, local_cores
 
 
 @pytest.mark.parametrize(("clients", "cores", "share"), [
@@ -40,3 +41,46 @@ def test_a_set_share_is_kept_and_a_cluster_gets_one_cpu():
     assert ResourcesConfig().num_cpus == "auto"
     with pytest.raises(ValueError):
         ResourcesConfig(num_cpus="fast")
+
+
+def test_a_share_ray_has_no_room_for_is_refused_naming_what_it_has():
+    check_resources(1.0, 0.5, {"CPU": 2.0, "GPU": 1.0}, cluster=False)
+    with pytest.raises(FlSimError, match=r"num_gpus: each client asks for 1 GPU\(s\), and this "
+                                         r"machine has 0"):
+        check_resources(1.0, 1.0, {"CPU": 2.0}, cluster=False)
+    with pytest.raises(FlSimError, match=r"num_cpus: each client asks for 64 CPU\(s\), and the "
+                                         r"Ray cluster \(FL_SIM_RAY_ADDRESS\) has 16"):
+        check_resources(64.0, 0.0, {"CPU": 16.0}, cluster=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("resources", [{"num_gpus": 1}, {"num_cpus": 64}])
+def test_a_study_asking_for_what_the_machine_lacks_exits_at_once_and_leaves_no_ray(
+        tmp_path, resources, capsys):
+    """Issue #25, item 1: Flower's "ActorPool is empty", and then a process that never exits."""
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    if resources.get("num_gpus") and __import__("torch").cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    study = tmp_path / "s.yaml"
+    study.write_text(yaml.safe_dump({
+        "study": "s", "out": str(tmp_path / "out"),
+        "data": {"dataset": "synthetic", "image_size": 32, "synthetic": {"num_images": 120},
+                 "cache_dir": str(tmp_path / "cache"), "partition": {"num_clients": 2}},
+        "defaults": {"rounds": 1, "model": {"name": "test_convnext"}, "resources": resources}}))
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "fl_sim.cli", "run", str(study)],
+                          capture_output=True, text=True, timeout=120)
+    assert time.monotonic() - start < 15  # before the data, before Ray
+    assert done.returncode == 2, done.stderr
+    key = next(iter(resources))
+    assert f"resources.{key}: each client asks for" in " ".join(done.stderr.split())
+    assert "Traceback" not in done.stderr
+    ray = subprocess.run(["pgrep", "-f", f"raylet.*{tmp_path.name}|gcs_server"],
+                         capture_output=True, text=True)
+    assert not ray.stdout.strip(), "a Ray process outlived the study"
+
