@@ -108,8 +108,15 @@ class SignalStop:
 @contextlib.contextmanager
 def study_lock(study_dir: Path) -> Iterator[None]:
     """One `fl-sim run` per study folder at a time; the OS frees the lock if the process dies."""
-    study_dir.mkdir(parents=True, exist_ok=True)
-    with open(study_dir / ".lock", "a+") as f:
+    try:
+        study_dir.mkdir(parents=True, exist_ok=True)
+        lock = open(study_dir / ".lock", "a+")
+    except OSError as err:
+        raise FlSimError(
+            f"cannot write the study folder {study_dir} ({err.strerror or err}"
+            f"{'' if err.filename in (None, str(study_dir)) else ': ' + str(err.filename)}): "
+            "give `out` (or --out) a folder this user can create and write.") from None
+    with lock as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -168,11 +175,12 @@ def run_study(study: StudyConfig, runs: list[Run], console: Console | None = Non
                 wanted = run.config.resources
                 check_resources(1.0 if wanted.num_cpus == "auto" else float(wanted.num_cpus),
                                 wanted.num_gpus, local_resources(), cluster=False)
-    data = prepare_data(study.data)  # builds the cache once, before any client process starts
-    check_runs(runs, data.num_clients)
     stop = SignalStop()
     study_dir = Path(study.out) / study.study
+    # The lock first: a second run of the study is refused before it prepares any data.
     with study_lock(study_dir), stop.installed():
+        data = prepare_data(study.data)  # the cache, built once, before any client starts
+        check_runs(runs, data.num_clients)
         if mlflow:
             check_store(study_dir)
             export_finished(study_dir, study.study,

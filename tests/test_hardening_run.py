@@ -414,3 +414,26 @@ def test_a_finished_run_whose_settings_changed_is_refused_naming_them(tmp_path, 
     assert main(["run", str(study_file(tmp_path, cache, rounds=1,
                                        resources={"num_cpus": 1}))]) == 0
     assert "finished before, skipped" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("where", ["out", "cache"])
+def test_folders_that_cannot_be_made_are_named_without_a_traceback(tmp_path, cache, capsys,
+                                                                   monkeypatch, where):
+    """Issue #25, item 3: FileExistsError / FileNotFoundError from the lock or the cache."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    if where == "cache":
+        monkeypatch.setenv("FL_SIM_CACHE", str(blocker))
+        config = yaml.safe_load(study_file(tmp_path, cache, rounds=1).read_text())
+        del config["data"]["cache_dir"]
+        path = tmp_path / "study.yaml"
+        path.write_text(yaml.safe_dump(config))
+        args = ["run", str(path)]
+    else:
+        args = ["run", str(study_file(tmp_path, cache, rounds=1)), "--out", "/proc/fl-sim"]
+    assert main(args) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    expected = {"out": "cannot write the study folder /proc/fl-sim/hard",
+                "cache": f"cannot write the image cache in {blocker}"}[where]
+    assert expected in err and "Traceback" not in err
+

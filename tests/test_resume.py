@@ -80,7 +80,11 @@ def test_killed_run_resumes_to_the_same_final_metrics(study, tmp_path):
     assert len(keys) == len(set(keys)) == len(rows(whole))
 
 
-def test_a_second_run_on_the_same_study_is_refused(study, tmp_path, capsys):
+def test_a_second_run_on_the_same_study_is_refused(study, tmp_path, capsys, monkeypatch):
+    def never(*args, **kwargs):
+        raise AssertionError("the data was prepared before the lock was checked")
+
+    monkeypatch.setattr("fl_sim.simulation.prepare_data", never)  # issue #25, item 4
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from pathlib import Path; "
          "from fl_sim.simulation import study_lock\n"

@@ -152,7 +152,6 @@ def load_or_build(
     images = open_cache(path, n, size)
     if images is not None:
         return images
-    path.parent.mkdir(parents=True, exist_ok=True)
     with _locked(path.with_suffix(".lock")):
         images = open_cache(path, n, size)  # another process may have built it meanwhile
         if images is None:
@@ -164,7 +163,16 @@ def load_or_build(
 
 @contextlib.contextmanager
 def _locked(lock_path: Path) -> Iterator[None]:
-    with open(lock_path, "a") as fh:
+    """The cache folder's lock for one file, the folder made first."""
+    try:
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(lock_path, "a")
+    except OSError as err:
+        raise FlSimError(
+            f"cannot write the image cache in {lock_path.parent} ({err.strerror or err}: "
+            f"{err.filename}): set data.cache_dir (or $FL_SIM_CACHE) to a folder this user can "
+            "create and write.") from None
+    with fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             yield
