@@ -42,6 +42,8 @@ def parser() -> argparse.ArgumentParser:
     probe.add_argument("--classifiers", default="svm,knn,logreg,rf",
                        help="comma-separated, of svm, knn, logreg, rf (default: all four)")
     probe.add_argument("--data-root", help="override data.root (the local dataset copy)")
+    probe.add_argument("--allow-unfinished", action="store_true",
+                       help="probe a run that is not complete (probe.json says so)")
 
     bench = sub.add_parser("bench", help="fl-sim against the plain PyTorch loop and the hardware")
     bench.add_argument("--quick", action="store_true", help="small sizes: under 2 minutes on 2 cores")
@@ -120,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
             from fl_sim.probe import probe_run  # torch, sklearn: load on use
 
             probe_run(Path(args.run_dir), args.checkpoint, args.classifiers.split(","),
-                      Path(args.data_root) if args.data_root else None, console)
+                      Path(args.data_root) if args.data_root else None, console,
+                      args.allow_unfinished)
             console.print(f"probe written: {Path(args.run_dir) / 'probe' / 'probe.json'}")
         elif args.command == "bench":
             from fl_sim.bench import run_bench

@@ -81,6 +81,14 @@ def test_cli_overrides_and_dry_run(tmp_path, capsys):
     assert study.data.root == tmp_path and study.out == tmp_path / "o"
 
 
+def test_data_root_for_a_dataset_that_reads_none_is_refused(tmp_path, capsys):
+    """Issue #25, item 2: not ignored without a word."""
+    assert main(["run", str(ROOT / "examples/quickstart.yaml"), "--data-root", str(tmp_path),
+                 "--dry-run"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"--data-root {tmp_path}:" in err and "dataset is synthetic" in err
+
+
 def test_unknown_strategy_params_are_named(tmp_path):
     from fl_sim.strategies import build_strategy
 

@@ -293,3 +293,19 @@ def test_a_client_whose_train_split_holds_one_class_is_skipped_and_named():
     rows, chosen, skipped = fits.per_client_fits(features, range(2), ["knn"], "bacc", 2, seed=0)
     assert skipped == {"per_client client 1": "no fit: its train split holds a single class"}
     assert {r["client"] for r in rows} == {0} and [c["client"] for c in chosen] == [0]
+
+
+def test_an_unfinished_run_is_refused_unless_allowed_and_probe_json_says_so(pooled, tmp_path):
+    """Issue #25, item 2: not round 1 probed as if it were the final model."""
+    run_dir = copy_run(pooled[2], tmp_path)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    summary.update(complete=False, rounds_done=1)
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+    with pytest.raises(FlSimError, match=r"not complete \(1 of 2 rounds finished\).*"
+                                         r"--allow-unfinished"):
+        probe_run(run_dir, console=QUIET)
+    probe = probe_run(run_dir, classifiers=["knn"], console=QUIET, allow_unfinished=True)
+    assert probe["unfinished"] == "the run is not complete (1 of 2 rounds finished)"
+    saved = json.loads((run_dir / "probe/probe.json").read_text())
+    assert saved["unfinished"] == probe["unfinished"]
+    assert probe_run(pooled[2], classifiers=["knn"], console=QUIET)["unfinished"] is None

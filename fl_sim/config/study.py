@@ -44,6 +44,10 @@ def load_study(
         _make_paths_absolute(study)
     except ValidationError as err:
         raise FlSimError(f"{path} is not a valid study:\n{format_validation_error(err)}") from None
+    if data_root is not None and study.data.dataset == "synthetic":
+        raise FlSimError(f"--data-root {data_root}: {path}'s dataset is synthetic, whose images "
+                         "are generated and read from no folder; drop --data-root, or set "
+                         "data.dataset to the dataset that folder holds.")
     return study
 
 

@@ -41,11 +41,16 @@ NO_POOLED = ("No pooled fit: a local run has one model per client, so the client
 
 
 def probe_run(run_dir: Path, checkpoint: str = "best", classifiers: Sequence[str] = tuple(GRIDS),
-              data_root: Path | None = None, console: Console | None = None) -> dict[str, Any]:
-    """Probe the run in `run_dir` at checkpoints/<checkpoint>.pt; returns what probe.json holds."""
+              data_root: Path | None = None, console: Console | None = None,
+              allow_unfinished: bool = False) -> dict[str, Any]:
+    """Probe the run in `run_dir` at checkpoints/<checkpoint>.pt; returns what probe.json
+    holds. A run that is not complete is refused unless `allow_unfinished`."""
     console = console or Console()
     classifiers = parse_classifiers(",".join(classifiers))  # fail before any work
-    run = load_run(Path(run_dir), checkpoint, data_root)
+    run = load_run(Path(run_dir), checkpoint, data_root, allow_unfinished)
+    if run.unfinished:
+        console.print(f"[yellow]note:[/] {run.unfinished}: probing its {checkpoint} checkpoint "
+                      f"(round {run.round}), not a final model")
     features = extract_features(run, console)
     cfg, clients, num_classes = run.cfg, range(run.data.num_clients), len(run.data.classes)
     # Validation picks the grid point by the metric that picked the run's best round.
@@ -67,6 +72,7 @@ def probe_run(run_dir: Path, checkpoint: str = "best", classifiers: Sequence[str
     dim = int(features[(0, "train")].x.shape[1])
     probe = {
         "run": run.run_dir.name, "checkpoint": checkpoint, "round": run.round,
+        "unfinished": run.unfinished,  # null: a complete run
         "model": run.model_note,
         "features": (f"CLIP image features in the text space ({dim} dims)"
                      if cfg.training == "clip" else

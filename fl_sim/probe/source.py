@@ -20,6 +20,7 @@ from fl_sim.data_partition import FederatedData, prepare_data
 from fl_sim.data_partition.federated import MANIFEST_COLUMNS
 from fl_sim.errors import FlSimError
 from fl_sim.server.baselines import client_state
+from fl_sim.server.run_log import read_summary
 
 CHECKPOINTS = ("best", "last")
 
@@ -35,6 +36,7 @@ class ProbedRun:
     round: int
     # None -> the one model every client shares; k -> client k's own model (local runs).
     states: dict[int | None, OrderedDict[str, torch.Tensor]]
+    unfinished: str | None = None  # why the run is not complete (--allow-unfinished)
 
     @property
     def per_client_models(self) -> bool:
@@ -50,13 +52,24 @@ class ProbedRun:
         return note
 
 
-def load_run(run_dir: Path, checkpoint: str = "best", data_root: Path | None = None) -> ProbedRun:
+def load_run(run_dir: Path, checkpoint: str = "best", data_root: Path | None = None,
+             allow_unfinished: bool = False) -> ProbedRun:
     """The run in `run_dir` at checkpoints/<checkpoint>.pt, its data from config.yaml (root
-    replaced by `data_root`), refusing data that does not split as the run's did."""
+    replaced by `data_root`), refusing data that does not split as the run's did, and a run
+    that is not complete unless `allow_unfinished`."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FlSimError(f"run folder {run_dir} does not exist: pass <out>/<study>/<run>, a "
                          "folder that `fl-sim run` wrote.")
+    summary = read_summary(run_dir)
+    unfinished = None
+    if not summary.get("complete", False):
+        unfinished = (f"the run is not complete ({summary.get('rounds_done', 0)} of "
+                      f"{summary.get('rounds', '?')} rounds finished)")
+        if not allow_unfinished:
+            raise FlSimError(f"{run_dir}: {unfinished}, so its checkpoints are not its final "
+                             "models. Finish it (run the study again), or pass "
+                             "--allow-unfinished to probe what it has (probe.json says so).")
     if checkpoint not in CHECKPOINTS:
         raise FlSimError(f"--checkpoint {checkpoint!r}: use best or last.")
     data_cfg, cfg = _read_config(run_dir / "config.yaml", data_root)
@@ -80,7 +93,7 @@ def load_run(run_dir: Path, checkpoint: str = "best", data_root: Path | None = N
         states = {c: client_state(arrays, c) for c in range(data.num_clients)}
     else:
         states = {None: ckpt["state_dict"]}
-    return ProbedRun(run_dir, cfg, data, checkpoint, int(ckpt["round"]), states)
+    return ProbedRun(run_dir, cfg, data, checkpoint, int(ckpt["round"]), states, unfinished)
 
 
 def _read_config(path: Path, data_root: Path | None) -> tuple[DataConfig, RunConfig]:
