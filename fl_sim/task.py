@@ -17,6 +17,7 @@ from torch import nn
 
 from fl_sim.config import DataConfig, RunConfig
 from fl_sim.data_partition import FederatedData, prepare_data
+from fl_sim.errors import FlSimError
 from fl_sim.models import create_model, normalization
 from fl_sim.models.clip import create_clip_model
 from fl_sim.models.finetune import freeze, frozen_digest
@@ -46,6 +47,37 @@ def build_model(cfg: RunConfig, class_names: Sequence[str],
     model = model.to(device()).to(memory_format=torch.channels_last)
     input_size = cfg.model.input_size or image_size
     return model, BatchPreprocessor(input_size, normalization(cfg.model), device())
+
+
+def check_input_size(model: nn.Module, size: int, name: str) -> None:
+    """Refuse an input size the model cannot take (a feature map shrunk below a kernel),
+    naming the smallest it takes: found by a forward pass of one blank image per size."""
+    def takes(side: int) -> bool:
+        try:
+            with torch.no_grad():
+                model(torch.zeros(1, 3, side, side, device=next(model.parameters()).device))
+            return True
+        except RuntimeError:
+            return False
+
+    was_training = model.training
+    model.eval()
+    try:
+        if takes(size):
+            return
+        low, high = size, size * 2
+        while not takes(high):  # the first size it takes, by doubling...
+            low, high = high, high * 2
+            if high > 4096:
+                raise FlSimError(f"model {name} takes no input size up to 4096 px.")
+        while high - low > 1:  # ...then the smallest, by bisection
+            middle = (low + high) // 2
+            low, high = (low, middle) if takes(middle) else (middle, high)
+    finally:
+        model.train(was_training)
+    raise FlSimError(f"model {name} cannot take {size} px images (its feature maps shrink below "
+                     f"a kernel): the smallest it takes is {high} px. Raise data.image_size (or "
+                     "model.input_size) to at least that.")
 
 
 def device() -> torch.device:

@@ -437,3 +437,19 @@ def test_folders_that_cannot_be_made_are_named_without_a_traceback(tmp_path, cac
                 "cache": f"cannot write the image cache in {blocker}"}[where]
     assert expected in err and "Traceback" not in err
 
+
+
+def test_an_image_size_the_model_cannot_take_is_refused_with_the_smallest_it_takes(
+        tmp_path, capsys):
+    """Issue #25, item 3: not a RuntimeError from the round-0 evaluation."""
+    config = yaml.safe_load(study_file(tmp_path, tmp_path / "cache", rounds=1).read_text())
+    config["data"]["image_size"] = 8
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["run", str(path)]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "model test_convnext cannot take 8 px images" in err
+    assert "the smallest it takes is 32 px" in err and "Traceback" not in err
+    config["data"]["image_size"] = 32  # and that size does run
+    path.write_text(yaml.safe_dump(config))
+    assert main(["run", str(path)]) == 0

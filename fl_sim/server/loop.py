@@ -45,7 +45,7 @@ from fl_sim.server.run_log import RunLog, write_json_atomic
 from fl_sim.server.schedule import LRSchedule
 from fl_sim.strategies import build_strategy
 from fl_sim.strategies.registry import sample_size
-from fl_sim.task import build_model, load_data
+from fl_sim.task import build_model, check_input_size, load_data
 from fl_sim.tracking import open_mirror
 
 
@@ -99,6 +99,7 @@ class FederatedRun:
         self.num_classes = len(self.data.classes)
         self.model, self.preprocess = build_model(self.cfg, self.data.class_names,
                                                  self.data.images.shape[1])
+        check_input_size(self.model, self.preprocess.input_size, self.cfg.model.name)
         # The digest lets a SuperNode check that its copy of the data splits as ours does.
         self.config = ConfigRecord({"data-config": data_json, "partition-digest": self.data.digest,
                                     "run-config": self.cfg.model_dump_json()})
