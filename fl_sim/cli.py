@@ -117,7 +117,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "report":
             from fl_sim.report import write_report  # pandas/matplotlib: keep other commands fast
 
-            console.print(f"report written: {write_report(Path(args.study_dir))}")
+            report = write_report(Path(args.study_dir), note=lambda line: console.print(
+                line, highlight=False, soft_wrap=True))
+            console.print(f"report written: {report}")
         elif args.command == "probe":
             from fl_sim.probe import probe_run  # torch, sklearn: load on use
 

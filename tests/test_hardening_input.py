@@ -80,6 +80,22 @@ def test_report_reads_a_torn_run_and_says_what_it_left_out(tmp_path: Path) -> No
             "middle of a write) and was left out") in skipped
 
 
+def test_the_console_names_each_skipped_run_and_why(tmp_path: Path, capsys) -> None:
+    """Issue #25, item 4: not only inside report.md."""
+    study = tmp_path / "torn"
+    for strategy in STRATEGIES:
+        write_run(study, strategy, "tiny0", 0)
+    metrics = study / "fedavg_tiny0_sgd_s0" / "metrics.jsonl"
+    lines = len(metrics.read_text().splitlines())
+    with open(metrics, "a") as f:
+        f.write(TORN)
+    (study / "fedprox-mu0.01_tiny0_sgd_s0" / "summary.json").write_text("{not json")
+    assert main(["report", str(study)]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"skipped fedavg_tiny0_sgd_s0: metrics.jsonl line {lines + 1} is torn" in out
+    assert "skipped fedprox-mu0.01_tiny0_sgd_s0: summary.json" in out
+
+
 # ------------------------------------------------------------------ failed and diverged runs
 
 
@@ -217,3 +233,14 @@ def test_yaml_errors_name_the_file_and_line(tmp_path: Path) -> None:
 def test_figure_names_keep_the_sign_of_an_exponent() -> None:
     assert slug("fedavg [optimizer.lr=1e+30]", "sgd") != slug("fedavg [optimizer.lr=1e-30]", "sgd")
     assert slug("fedavg [optimizer.lr=1e+30]", "sgd") == "fedavg-optimizer.lr-1e+30-_sgd"
+
+
+def test_a_file_given_for_a_folder_is_called_a_file(tmp_path: Path, capsys) -> None:
+    """Issue #25, item 4: not "does not exist"."""
+    a_file = tmp_path / "results.txt"
+    a_file.write_text("")
+    assert main(["report", str(a_file)]) == 2
+    assert f"study folder {a_file} is a file, not a folder" in capsys.readouterr().err
+    assert main(["probe", str(a_file)]) == 2
+    assert f"run folder {a_file} is a file, not a folder" in capsys.readouterr().err
+

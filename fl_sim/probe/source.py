@@ -59,7 +59,8 @@ def load_run(run_dir: Path, checkpoint: str = "best", data_root: Path | None = N
     that is not complete unless `allow_unfinished`."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise FlSimError(f"run folder {run_dir} does not exist: pass <out>/<study>/<run>, a "
+        what = "is a file, not a folder" if run_dir.exists() else "does not exist"
+        raise FlSimError(f"run folder {run_dir} {what}: pass <out>/<study>/<run>, a "
                          "folder that `fl-sim run` wrote.")
     summary = read_summary(run_dir)
     unfinished = None

@@ -7,6 +7,7 @@ the probe/probe.json of `fl-sim probe`, where a run has one).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from fl_sim.report.collect import REPORT_DIR, Study, load_study
@@ -23,9 +24,13 @@ from fl_sim.tracking import STORE, log_report
 __all__ = ["Study", "load_study", "seed_table", "write_report"]
 
 
-def write_report(study_dir: Path) -> Path:
-    """Write the report of the study in `study_dir`; returns the path of report.md."""
+def write_report(study_dir: Path, note: Callable[[str], None] | None = None) -> Path:
+    """Write the report of the study in `study_dir`; returns the path of report.md. `note`
+    gets a line per run left out of it, naming the run and why (a torn line's number)."""
     study = load_study(Path(study_dir))
+    for name, why in study.skipped:
+        if note is not None:
+            note(f"skipped {name}: {why}")
     out = study.folder / REPORT_DIR
     out.mkdir(exist_ok=True)
     # An earlier report's figures may show configurations that are gone now.

@@ -75,7 +75,8 @@ class _Skip(Exception):
 def load_study(folder: Path) -> Study:
     folder = Path(folder)
     if not folder.is_dir():
-        raise FlSimError(f"study folder {folder} does not exist: pass <out>/<study>, the "
+        what = "is a file, not a folder" if folder.exists() else "does not exist"
+        raise FlSimError(f"study folder {folder} {what}: pass <out>/<study>, the "
                          "folder `fl-sim run` writes one run directory per run into.")
     run_dirs = sorted(d for d in folder.iterdir() if d.is_dir() and d.name != REPORT_DIR
                       and any((d / f).exists() for f in RUN_FILES))
