@@ -138,6 +138,21 @@ def test_flower_helpers_come_from_this_environment_when_it_is_not_activated(monk
     assert (Path(first) / "flower-superexec").is_file()
 
 
+def test_messages_quote_flower_s_output_without_colour_codes_or_a_false_exit_code(
+        tmp_path, monkeypatch):
+    """Issue #25, item 4: "(flwr run exited 0)" for a failed submit; raw ANSI in excerpts."""
+    import subprocess
+
+    assert processes.strip_ansi("\x1b[92mINFO \x1b[0m: ready\x1b[?25h") == "INFO : ready"
+    study = write_study(tmp_path / "s.yaml", tmp_path / "out", rounds=1)
+    answer = subprocess.CompletedProcess([], 0, stdout="\x1b[91mERROR\x1b[0m: no such app")
+    monkeypatch.setattr(cli.subprocess, "run", lambda *a, **k: answer)
+    with pytest.raises(FlSimError) as err:
+        cli.submit_run(study, None, None, None, tmp_path)
+    assert str(err.value) == ("the SuperLink did not start the run (flwr run gave no run id): "
+                              "ERROR: no such app")
+
+
 # ----------------------------------------------------------------------------- slow
 
 

@@ -50,3 +50,17 @@ def test_transformer_input_size_and_normalisation_from_the_pretrained_config():
     mean, std = normalization(ModelConfig(name="convnext_t"))
     assert mean == pytest.approx((0.485, 0.456, 0.406))
     assert normalization(ModelConfig(name="convnext_t", normalize="none")) is None
+
+
+def test_a_bad_keyword_gets_a_hint_about_the_keywords_not_the_network():
+    """Issue #25, item 4: `pretrained: false` was suggested where it already was."""
+    from fl_sim.config import ModelConfig
+    from fl_sim.errors import FlSimError
+    from fl_sim.models import create_model
+
+    cfg = ModelConfig(name="resnet18", pretrained=False, kwargs={"no_such_arg": 1})
+    with pytest.raises(FlSimError) as err:
+        create_model(cfg, 7, 32)
+    assert "Check model.kwargs {'no_such_arg': 1}" in str(err.value)
+    assert "pretrained: false" not in str(err.value)
+

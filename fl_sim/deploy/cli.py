@@ -29,7 +29,7 @@ import tomli_w
 
 from fl_sim.config import expand_grid, load_study
 from fl_sim.deploy import certs, processes
-from fl_sim.deploy.processes import CONNECTION, CONTROL_PORT, FLEET_PORT
+from fl_sim.deploy.processes import CONNECTION, CONTROL_PORT, FLEET_PORT, strip_ansi
 from fl_sim.errors import FlSimError
 
 FINISHED = "finished"
@@ -248,8 +248,10 @@ def submit_run(config: Path, run: str | None = None, out: str | None = None,
             env=processes.flower_env(), stdout=subprocess.PIPE, text=True)
     run_id = _run_id(proc.stdout)
     if proc.returncode != 0 or run_id is None:
-        raise FlSimError(f"the SuperLink did not start the run (flwr run exited "
-                         f"{proc.returncode}): {proc.stdout.strip()}")
+        how = (f"flwr run exited {proc.returncode}" if proc.returncode != 0
+               else "flwr run gave no run id")
+        raise FlSimError(f"the SuperLink did not start the run ({how}): "
+                         f"{strip_ansi(proc.stdout).strip()}")
     return run_id, name
 
 

@@ -193,9 +193,17 @@ def start(name: str, cmd: list[str], ready: re.Pattern[str], timeout: float = 60
         time.sleep(0.2)
     code = proc.poll()
     stop_started(name, proc.pid)
-    tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
+    tail = "\n".join(strip_ansi(log.read_text(errors="replace")).splitlines()[-15:])
     why = f"exited with code {code}" if code is not None else f"was not ready after {timeout:g} s"
     raise FlSimError(f"{name} {why}; the end of its log {log}:\n{tail}")
+
+
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def strip_ansi(text: str) -> str:
+    """Flower's colour codes out of a log excerpt quoted in a message."""
+    return ANSI.sub("", text)
 
 
 def stop_started(name: str, pid: int) -> None:

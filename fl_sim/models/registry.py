@@ -57,10 +57,12 @@ def create_model(cfg: ModelConfig, num_classes: int, image_size: int) -> nn.Modu
         model = timm.create_model(name, pretrained=from_hub, num_classes=num_classes,
                                   pretrained_cfg_overlay=overlay or None, **kwargs)
     except Exception as err:  # a failed download, a bad kwarg: both need the user's action
+        hint = ("Without network, set `pretrained: false` or point it to a local weights file."
+                if from_hub else f"Check model.kwargs {dict(cfg.kwargs)}: timm's arguments of "
+                "this model." if cfg.kwargs else "")
         raise FlSimError(
             f"could not build model {cfg.name!r} (timm {name!r}, pretrained={weights}): {err}. "
-            "Without network, set `pretrained: false` or point it to a local weights file."
-        ) from None
+            f"{hint}".rstrip()) from None
     if weights is True and not from_hub:
         load_weights(model, EMBEDDED[name](), f"the embedded {name} weights", cfg.strict)
     elif isinstance(weights, Path):
