@@ -19,6 +19,7 @@ from rich.console import Console
 from fl_sim.client.train import optimizer_kwargs
 from fl_sim.config import BASELINES, Run, StudyConfig
 from fl_sim.data_partition import prepare_data
+from fl_sim.data_partition.inspect import data_warnings
 from fl_sim.errors import FlSimError
 from fl_sim.models import timm_name
 from fl_sim.server.baselines import BASELINE_RUNS
@@ -107,7 +108,9 @@ class SignalStop:
 
 @contextlib.contextmanager
 def study_lock(study_dir: Path) -> Iterator[None]:
-    """One `fl-sim run` per study folder at a time; the OS frees the lock if the process dies."""
+    """One `fl-sim run` per study folder at a time; the OS frees the lock if the process dies.
+    Folders it made for the study stay only if something was written into them."""
+    made = [d for d in (study_dir, *study_dir.parents) if not d.exists()]
     try:
         study_dir.mkdir(parents=True, exist_ok=True)
         lock = open(study_dir / ".lock", "a+")
@@ -116,18 +119,26 @@ def study_lock(study_dir: Path) -> Iterator[None]:
             f"cannot write the study folder {study_dir} ({err.strerror or err}"
             f"{'' if err.filename in (None, str(study_dir)) else ': ' + str(err.filename)}): "
             "give `out` (or --out) a folder this user can create and write.") from None
-    with lock as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            raise FlSimError(
-                f"another fl-sim run (pid {f.read().strip() or '?'}) is working on {study_dir}; "
-                "wait for it to finish, or give this one another `out` or `study`.") from None
-        f.truncate(0)
-        f.write(str(os.getpid()))
-        f.flush()
-        yield
+    try:
+        with lock as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                raise FlSimError(
+                    f"another fl-sim run (pid {f.read().strip() or '?'}) is working on "
+                    f"{study_dir}; wait for it to finish, or give this one another `out` or "
+                    "`study`.") from None
+            f.truncate(0)
+            f.write(str(os.getpid()))
+            f.flush()
+            yield
+    finally:
+        if made and [p.name for p in study_dir.iterdir()] == [".lock"]:  # refused early
+            (study_dir / ".lock").unlink()
+            for folder in made:
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
 
 
 class Eta:
@@ -180,6 +191,8 @@ def run_study(study: StudyConfig, runs: list[Run], console: Console | None = Non
     # The lock first: a second run of the study is refused before it prepares any data.
     with study_lock(study_dir), stop.installed():
         data = prepare_data(study.data)  # the cache, built once, before any client starts
+        for line in data_warnings(study.data, data):  # as `fl-sim data inspect` says them
+            console.print(f"[yellow]warning:[/yellow] {line}", highlight=False, soft_wrap=True)
         check_runs(runs, data.num_clients)
         if mlflow:
             check_store(study_dir)

@@ -244,3 +244,29 @@ def test_a_file_given_for_a_folder_is_called_a_file(tmp_path: Path, capsys) -> N
     assert main(["probe", str(a_file)]) == 2
     assert f"run folder {a_file} is a file, not a folder" in capsys.readouterr().err
 
+
+
+def test_run_prints_data_inspect_s_warnings_at_start(tmp_path: Path, capsys) -> None:
+    """Issue #25, item 2: `max_images: 20` gave a 2-image global test set without a word."""
+    data = {"dataset": "synthetic", "image_size": 32, "max_images": 90,
+            "cache_dir": str(tmp_path / "cache"), "partition": {"num_clients": 2}}
+    study = write_study_file(tmp_path, {"study": "s", "data": data, "out": str(tmp_path / "o"),
+                                        "defaults": {"rounds": 1, "strategy": {"name": "pooled"},
+                                                     "model": {"name": "test_convnext"}}})
+    assert main(["run", str(study)]) == 0
+    out = one_line(capsys.readouterr().out)
+    assert "warning: the global test set holds 17 images: one image moves its ACC by 5.9" in out
+
+
+def test_a_lesion_with_images_of_different_labels_is_named(tmp_path: Path) -> None:
+    from fl_sim.data_partition.inspect import data_warnings
+
+    cfg = DataConfig(dataset="synthetic", image_size=16, cache_dir=str(tmp_path / "cache"))
+    data = prepare_data(cfg, progress=False)
+    assert not [w for w in data_warnings(cfg, data) if "lesion" in w]
+    first = data.manifest.index[0]
+    other = data.manifest.index[data.labels != data.labels[0]][0]
+    data.manifest.loc[other, "lesion_id"] = data.manifest.loc[first, "lesion_id"]
+    [warning] = [w for w in data_warnings(cfg, data) if "lesion" in w]
+    assert warning.startswith(f"1 lesion(s) have images with different labels "
+                              f"({data.manifest.loc[first, 'lesion_id']})")

@@ -30,7 +30,7 @@ def inspect_data(cfg: DataConfig, console: Console | None = None) -> list[str]:
         + "; label skew "
         f"(mean total-variation distance to the pooled label mix): {skew:.3f}"
     )
-    warnings = _warnings(cfg, data)
+    warnings = data_warnings(cfg, data)
     for line in warnings:
         console.print(f"[yellow]warning:[/yellow] {line}")
     return warnings
@@ -60,7 +60,11 @@ def _table(cfg: DataConfig, data: FederatedData) -> Table:
     return table
 
 
-def _warnings(cfg: DataConfig, data: FederatedData) -> list[str]:
+SMALL_TEST_SET = 100  # global test images below which one image moves ACC by over a point
+
+
+def data_warnings(cfg: DataConfig, data: FederatedData) -> list[str]:
+    """The gaps worth knowing before a run (`data inspect` and `fl-sim run` print them)."""
     out = []
     for c in range(data.num_clients):
         train = np.bincount(data.labels[data.indices(c, "train")], minlength=len(data.classes))
@@ -75,4 +79,21 @@ def _warnings(cfg: DataConfig, data: FederatedData) -> list[str]:
     for code, n in zip(data.classes, held_out, strict=True):
         if n == 0:
             out.append(f"the global test set has no image of class '{code}'")
+    if 0 < (n := int(held_out.sum())) < SMALL_TEST_SET:
+        out.append(f"the global test set holds {n} images: one image moves its ACC by "
+                   f"{100 / n:.1f} points, and the report's intervals will say how little it "
+                   "can tell apart (raise max_images or global_test.fraction)")
+    out += _mixed_lesions(data)
     return out
+
+
+def _mixed_lesions(data: FederatedData) -> list[str]:
+    """Lesions whose images carry different labels: a partition by lesion keeps them on one
+    client, so the client trains on contradicting labels of one lesion."""
+    labels = data.manifest.assign(label=data.labels).groupby("lesion_id")["label"].nunique()
+    mixed = labels[labels > 1].index.tolist()
+    if not mixed:
+        return []
+    shown = ", ".join(map(str, mixed[:5])) + (f" and {len(mixed) - 5} more" if len(mixed) > 5 else "")
+    return [f"{len(mixed)} lesion(s) have images with different labels ({shown}): check the "
+            "metadata; they are trained on as labelled"]

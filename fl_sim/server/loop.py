@@ -99,7 +99,6 @@ class FederatedRun:
         self.num_classes = len(self.data.classes)
         self.model, self.preprocess = build_model(self.cfg, self.data.class_names,
                                                  self.data.images.shape[1])
-        check_input_size(self.model, self.preprocess.input_size, self.cfg.model.name)
         # The digest lets a SuperNode check that its copy of the data splits as ours does.
         self.config = ConfigRecord({"data-config": data_json, "partition-digest": self.data.digest,
                                     "run-config": self.cfg.model_dump_json()})
@@ -151,6 +150,8 @@ class FederatedRun:
                             send_models=self.cfg.cross_site_eval)
             if self.cfg.personalize is not None else None)
         self.cross_site = self._cross_site() if self.cfg.cross_site_eval else None
+        # Last: a forward pass, after the cheap refusals.
+        check_input_size(self.model, self.preprocess.input_size, self.cfg.model.name)
 
     # ------------------------------------------------------------------ start or resume
 
