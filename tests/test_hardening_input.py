@@ -65,7 +65,8 @@ def test_a_bad_line_before_the_last_is_damage(tmp_path: Path) -> None:
         read_metrics(tmp_path)
 
 
-def test_report_reads_a_torn_run_and_says_what_it_left_out(tmp_path: Path) -> None:
+def torn_study(tmp_path: Path) -> tuple[Path, int]:
+    """A study whose fedavg run has a torn last line; the number of its whole lines."""
     study = tmp_path / "torn"
     for strategy in STRATEGIES:
         write_run(study, strategy, "tiny0", 0)
@@ -73,6 +74,11 @@ def test_report_reads_a_torn_run_and_says_what_it_left_out(tmp_path: Path) -> No
     lines = len(metrics.read_text().splitlines())
     with open(metrics, "a") as f:
         f.write(TORN)
+    return study, lines
+
+
+def test_report_reads_a_torn_run_and_says_what_it_left_out(tmp_path: Path) -> None:
+    study, lines = torn_study(tmp_path)
     text = write_report(study).read_text()
     assert "2 complete run(s)" in text
     skipped = text.split("## Skipped runs")[1]
@@ -82,13 +88,7 @@ def test_report_reads_a_torn_run_and_says_what_it_left_out(tmp_path: Path) -> No
 
 def test_the_console_names_each_skipped_run_and_why(tmp_path: Path, capsys) -> None:
     """Issue #25, item 4: not only inside report.md."""
-    study = tmp_path / "torn"
-    for strategy in STRATEGIES:
-        write_run(study, strategy, "tiny0", 0)
-    metrics = study / "fedavg_tiny0_sgd_s0" / "metrics.jsonl"
-    lines = len(metrics.read_text().splitlines())
-    with open(metrics, "a") as f:
-        f.write(TORN)
+    study, lines = torn_study(tmp_path)
     (study / "fedprox-mu0.01_tiny0_sgd_s0" / "summary.json").write_text("{not json")
     assert main(["report", str(study)]) == 0
     out = " ".join(capsys.readouterr().out.split())
