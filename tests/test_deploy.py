@@ -278,6 +278,29 @@ def test_insecure_federation_runs_two_rounds_over_grpc(federation, tmp_path, cap
 
 
 @pytest.mark.slow
+def test_a_supernode_without_its_superlink_says_so_and_gives_up_when_bounded(
+        federation, tmp_path, capfd):
+    """Issue #25, item 1: the foreground form retried forever, the background one gave up
+    after 60 s; both now say at start how long they wait, and take --max-wait-s."""
+    fleet = f"127.0.0.1:{free_port()}"  # nothing listens there
+    start = time.monotonic()
+    code = deploy("supernode", "--insecure", "--superlink", fleet, "--partition-id", 0,
+                  "--port", free_port(), "--max-wait-s", 3, "--foreground")
+    assert code != 0 and time.monotonic() - start < 60
+    out = capfd.readouterr().out
+    assert (f"supernode-0: connecting to the SuperLink at {fleet}; Flower retries with a "
+            "growing backoff, for at most 3 s (--max-wait-s)") in out
+    start = time.monotonic()
+    assert deploy("supernode", "--insecure", "--superlink", fleet, "--partition-id", 1,
+                  "--port", free_port(), "--max-wait-s", 3) == 2
+    assert time.monotonic() - start < 60
+    captured = capfd.readouterr()
+    assert "for at most 3 s (--max-wait-s)" in captured.out
+    assert "supernode-1 exited with code" in captured.err and "Giving up reconnection" in captured.err
+    assert "\x1b[" not in captured.err  # Flower's colours stripped from the excerpt
+
+
+@pytest.mark.slow
 def test_tls_with_node_authentication_refuses_an_unregistered_node(federation, tmp_path):
     fed = federation
     ca = certs.make_dev_certs(tmp_path / "certs", ["localhost", "127.0.0.1"]).ca_cert

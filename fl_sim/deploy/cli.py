@@ -32,6 +32,8 @@ from fl_sim.deploy import certs, processes
 from fl_sim.deploy.processes import CONNECTION, CONTROL_PORT, FLEET_PORT, strip_ansi
 from fl_sim.errors import FlSimError
 
+BACKGROUND_WAIT_S = 60.0  # how long a background SuperNode waits for its SuperLink
+STARTUP_S = 30.0  # a SuperNode's own start (imports), before it first asks the SuperLink
 FINISHED = "finished"
 
 
@@ -88,6 +90,9 @@ def add_deploy_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--poll-interval", type=float, default=processes.DEFAULT_POLL_INTERVAL,
                    help="seconds between the idle node's requests for work (Flower: 3; "
                         f"default {processes.DEFAULT_POLL_INTERVAL})")
+    p.add_argument("--max-wait-s", type=float,
+                   help="give up after this many seconds without the SuperLink (default: "
+                        f"{BACKGROUND_WAIT_S:g} s in the background, no bound with --foreground)")
     p.add_argument("--foreground", action="store_true", help="run in this terminal (for systemd)")
 
     p = sub.add_parser("connect", help="point `register`/`submit` on this machine at a SuperLink")
@@ -173,6 +178,14 @@ def _supernode(args: argparse.Namespace) -> int:
     cmd = processes.supernode_command(args.superlink, args.port, node_config,
                                       None if args.insecure else args.ca, args.key,
                                       args.poll_interval, worker=not args.no_worker)
+    wait = args.max_wait_s if args.max_wait_s is not None else (
+        None if args.foreground else BACKGROUND_WAIT_S)
+    if wait is not None:
+        cmd += ["--max-wait-time", f"{wait:g}"]  # Flower's SuperNode gives up by itself
+    print(f"{name}: connecting to the SuperLink at {args.superlink}; Flower retries with a "
+          "growing backoff, " + (f"for at most {wait:g} s (--max-wait-s)" if wait is not None
+                                 else "until it answers (bound it with --max-wait-s)"),
+          flush=True)
     if args.foreground:
         # systemd stops a service with SIGTERM: clean up as on Ctrl-C (the worker runs in its
         # own session, so only this process can stop it).
@@ -187,7 +200,8 @@ def _supernode(args: argparse.Namespace) -> int:
                 processes.stop_process(node.pid)
             if worker:
                 processes.stop_started(worker.name, worker.pid)
-    started = processes.start(name, cmd, processes.SUPERNODE_READY)
+    started = processes.start(name, cmd, processes.SUPERNODE_READY,
+                              timeout=wait + STARTUP_S)  # wait: not None in the background
     worker = None
     if not args.no_worker:
         try:
