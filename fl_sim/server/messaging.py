@@ -23,16 +23,31 @@ from fl_sim.strategies.registry import sample_size
 log = logging.getLogger(__name__)
 
 
+WAITING_NOTE_S = 10.0  # after this long short of clients, the server says what it waits for
+
+
 def wait_for_clients(grid: Grid, needed: int, timeout: float, server_round: int) -> None:
-    """Flower's samplers wait for nodes forever; fl-sim waits at most `timeout` seconds."""
-    deadline = time.monotonic() + timeout
+    """Flower's samplers wait for nodes forever; fl-sim waits at most `timeout` seconds, and
+    says after WAITING_NOTE_S what it waits for (a federation of too few SuperNodes, as
+    `flwr run .`'s default local one, otherwise waits in silence)."""
+    start = time.monotonic()
+    deadline, noted = start + timeout, False
     while (connected := len(list(grid.get_node_ids()))) < needed:
         stop_if_requested()
-        if time.monotonic() > deadline:
+        now = time.monotonic()
+        if now > deadline:
             raise FlSimError(
                 f"round {server_round}: only {connected} clients connected, {needed} needed "
                 f"(min_clients), after waiting {timeout:g} s (round_timeout_s). Start more "
                 "clients or lower min_clients; the rounds finished before are kept.")
+        if not noted and now - start >= WAITING_NOTE_S:
+            log.warning(
+                "round %d: waiting for %d clients, %d connected; waiting up to %g s "
+                "(round_timeout_s). Each client is a SuperNode: start more (fl-sim deploy "
+                "supernode), or under `flwr run .` give the federation %d SuperNodes "
+                "(options.num-supernodes in $FLWR_HOME/config.toml), or lower min_clients.",
+                server_round, needed, connected, timeout, needed)
+            noted = True
         stop_requested.wait(1.0)
 
 
