@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
+import torch
 from rich.console import Console
 
 from fl_sim.client.train import optimizer_kwargs
@@ -380,8 +381,6 @@ def check_resources(cpus: float, gpus: float, available: dict[str, float],
 
 def local_resources() -> dict[str, float]:
     """What a local Ray will have: this process's cores and the GPUs CUDA shows it."""
-    import torch
-
     return {"CPU": float(local_cores()), "GPU": float(torch.cuda.device_count())}
 
 

@@ -19,6 +19,7 @@ import contextlib
 import logging
 import sqlite3
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -115,15 +116,25 @@ class MlflowMirror:
 
     def close(self, finished: bool) -> None:
         status = "FAILED" if self.broken else "FINISHED" if finished else "KILLED"
-        try:
+        with tolerated("this run's MLflow status was not set"):
             self.study.client.set_terminated(self.run_id, status)
-        except Exception as err:  # noqa: BLE001
-            _warn(err, "this run's MLflow status was not set")
 
 
 def _warn(err: Exception, what: str) -> None:
     log.warning("MLflow: %s: %s; %s (metrics.jsonl and TensorBoard carry on)",
                 type(err).__name__, err, what)
+
+
+@contextlib.contextmanager
+def tolerated(what: str) -> Iterator[None]:
+    """An MLflow error inside warns that `what` did not happen, and the run goes on; fl-sim's
+    own (mlflow not installed) propagates."""
+    try:
+        yield
+    except FlSimError:
+        raise
+    except Exception as err:  # noqa: BLE001 - the run's own files are the record
+        _warn(err, what)
 
 
 def saved_rows(run_dir: Path) -> list[tuple[int, dict[str, float]]]:
@@ -136,41 +147,32 @@ def saved_rows(run_dir: Path) -> list[tuple[int, dict[str, float]]]:
 def open_mirror(run_dir: Path, study: str, resolved: dict[str, Any]) -> MlflowMirror | None:
     """The MLflow run of the run in `run_dir`, first given what metrics.jsonl holds; None,
     with a warning, where MLflow fails."""
-    try:
+    with tolerated("this run has no MLflow run"):
         return MlflowMirror(MlflowStudy(run_dir.parent, study), run_dir.name, resolved,
                             saved_rows(run_dir))
-    except FlSimError:
-        raise
-    except Exception as err:  # noqa: BLE001
-        _warn(err, "this run has no MLflow run")
-        return None
+    return None
 
 
 def export_finished(study_dir: Path, study: str, run_dirs: list[Path]) -> None:
     """Each finished run that has no MLflow run yet (tracking was added after it ran) gets
     one, from its config.yaml and metrics.jsonl."""
-    try:
+    with tolerated("finished runs were not exported"):
         store = MlflowStudy(study_dir, study)
         for run_dir in run_dirs:
             if not store.runs_named(run_dir.name):
                 MlflowMirror(store, run_dir.name, read_config(run_dir) or {},
                              saved_rows(run_dir)).close(True)
-    except FlSimError:
-        raise
-    except Exception as err:  # noqa: BLE001
-        _warn(err, "finished runs were not exported")
 
 
 def log_report(study_dir: Path, study: str, files: list[Path]) -> None:
     """`fl-sim report`'s files as the artifacts of the experiment's `report` run (an older
     report's run replaced), where the study tracks with MLflow."""
     try:
-        store = MlflowStudy(study_dir, study)
-        run_id = store.new_run(REPORT_RUN, {"files": str(len(files))})
-        for path in files:
-            store.client.log_artifact(run_id, str(path))
-        store.client.set_terminated(run_id, "FINISHED")
-    except FlSimError as err:
+        with tolerated("the report's files were not logged"):
+            store = MlflowStudy(study_dir, study)
+            run_id = store.new_run(REPORT_RUN, {"files": str(len(files))})
+            for path in files:
+                store.client.log_artifact(run_id, str(path))
+            store.client.set_terminated(run_id, "FINISHED")
+    except FlSimError as err:  # mlflow not installed here: the report itself is written
         log.warning("%s The report's files were not logged to MLflow.", err)
-    except Exception as err:  # noqa: BLE001
-        _warn(err, "the report's files were not logged")

@@ -94,6 +94,7 @@ def _mixed_lesions(data: FederatedData) -> list[str]:
     mixed = labels[labels > 1].index.tolist()
     if not mixed:
         return []
-    shown = ", ".join(map(str, mixed[:5])) + (f" and {len(mixed) - 5} more" if len(mixed) > 5 else "")
+    more = f" and {len(mixed) - 5} more" if len(mixed) > 5 else ""
+    shown = ", ".join(map(str, mixed[:5])) + more
     return [f"{len(mixed)} lesion(s) have images with different labels ({shown}): check the "
             "metadata; they are trained on as labelled"]

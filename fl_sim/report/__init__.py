@@ -28,9 +28,8 @@ def write_report(study_dir: Path, note: Callable[[str], None] | None = None) -> 
     """Write the report of the study in `study_dir`; returns the path of report.md. `note`
     gets a line per run left out of it, naming the run and why (a torn line's number)."""
     study = load_study(Path(study_dir))
-    for name, why in study.skipped:
-        if note is not None:
-            note(f"skipped {name}: {why}")
+    for name, why in study.skipped if note is not None else []:
+        note(f"skipped {name}: {why}")
     out = study.folder / REPORT_DIR
     out.mkdir(exist_ok=True)
     # An earlier report's figures may show configurations that are gone now.

@@ -21,11 +21,6 @@ CROSS_SITE_TEXT = (
 METRIC = "bacc"
 
 
-def _model_order(name: str) -> tuple[str, int]:
-    kind, _, client = name.rpartition("_")
-    return (kind, int(client)) if client.isdigit() else (name, -1)
-
-
 def cross_site_matrix(rows: pd.DataFrame, best_round: int, has_global_model: bool) -> str:
     """The matrix of one run: models (rows) by the clients' test splits (columns)."""
     at = rows[(rows["round"] == best_round) & (rows["split"] == "test")]
@@ -33,7 +28,7 @@ def cross_site_matrix(rows: pd.DataFrame, best_round: int, has_global_model: boo
     if has_global_model:
         models["global"] = at[at["scope"] == "client"].set_index("client")
     cross = at[at["scope"] == "cross_site"]
-    for name in sorted(cross["site_model"].unique() if len(cross) else [], key=_model_order):
+    for name in cross["site_model"].unique() if len(cross) else []:  # in the phase's order
         models[name] = cross[cross["site_model"] == name].set_index("client")
     clients = sorted({int(c) for scored in models.values() for c in scored.index})
     sizes = {c: int(s.at[c, "n"]) for s in models.values() for c in s.index}

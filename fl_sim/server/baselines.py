@@ -184,8 +184,7 @@ class LocalCrossSite(CrossSiteEvaluation):
         return super().__call__({f"local_{c}": ArrayRecord(client_state(best, c))
                                  for c in self.run.clients}, query, state, run_log)
 
-    def evaluate(self, name: str, arrays: ArrayRecord, query: Query,
-                 server_round: int) -> dict[int, dict]:
+    def evaluate(self, arrays: ArrayRecord, query: Query, server_round: int) -> dict[int, dict]:
         run = self.run
         run.model.load_state_dict(to_state_dict(arrays), strict=True)
         return {c: split_rows(evaluate_splits(run.model, run.data, c, run.preprocess,

@@ -128,25 +128,18 @@ class CrossSiteEvaluation:
         if models:
             log.info("cross-site evaluation: %d models on every client's test split",
                      len(models))
-        results = {name: self.evaluate(name, arrays, query, state.best_round)
+        results = {name: self.evaluate(arrays, query, state.best_round)
                    for name, arrays in models.items()}
-        log_cross_site(state.best_round, results, run_log)
+        for name, clients in results.items():  # rows once every model is scored
+            for client, row in sorted(clients.items()):
+                run_log.row(state.best_round, "cross_site", client, "test", row, site_model=name)
         return {"round": state.best_round,
                 "models": [*(["global"] if self.has_global_model else []), *models]}
 
-    def evaluate(self, name: str, arrays: ArrayRecord, query: Query,
-                 server_round: int) -> dict[int, dict]:
-        """Client -> the test row of model `name` on the client's test split."""
+    def evaluate(self, arrays: ArrayRecord, query: Query, server_round: int) -> dict[int, dict]:
+        """Client -> the test row of the model `arrays` on the client's test split."""
         content = RecordDict({"arrays": arrays, "config": ConfigRecord(
             {**self.config, "server-round": server_round})})
         return {int(m["partition-id"]): split_rows(m, ("test",))["test"]
                 for m in (dict(r.content["metrics"])
                           for r in query("cross_evaluate", content, server_round))}
-
-
-def log_cross_site(server_round: int, results: dict[str, dict[int, dict]],
-                   run_log: RunLog) -> None:
-    """Rows of scope `cross_site`: model -> client -> its test row, once all are in."""
-    for name, clients in results.items():
-        for client, row in sorted(clients.items()):
-            run_log.row(server_round, "cross_site", client, "test", row, model=name)

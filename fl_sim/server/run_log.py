@@ -27,6 +27,7 @@ from fl_sim.errors import FlSimError
 KEY_ORDER = ("round", "scope", "client", "split", "n", "loss", "acc", "bacc", "precision",
              "recall", "f1", "avg")
 ROW_KEYS = ("round", "scope", "client", "split", "site_model", "n")  # what a row is of
+LAYOUT_METRICS = ("acc", "bacc", "precision", "recall", "f1", "avg", "loss")
 
 
 class Mirror(Protocol):
@@ -35,7 +36,6 @@ class Mirror(Protocol):
     def commit(self, points: list[tuple[int, dict[str, float]]]) -> None: ...
 
     def close(self, finished: bool) -> None: ...
-LAYOUT_METRICS = ("acc", "bacc", "precision", "recall", "f1", "avg", "loss")
 
 
 def json_line(row: dict[str, Any]) -> str:
@@ -109,11 +109,11 @@ class RunLog:
             raise
 
     def row(self, server_round: int, scope: str, client: int | None, split: str,
-            metrics: dict[str, float], model: str | None = None) -> dict[str, Any]:
-        """One row; `model` (column `site_model`: a study's `model` is its backbone) names
-        which of a scope's models it scores (cross-site: `local_0` on client 1's test split)."""
+            metrics: dict[str, float], site_model: str | None = None) -> dict[str, Any]:
+        """One row; `site_model` names which of a scope's models it scores (cross-site:
+        `local_0` on client 1's test split; a study's `model` is its backbone)."""
         row = {"round": server_round, "scope": scope, "client": client, "split": split,
-               **({"site_model": model} if model else {})}
+               **({"site_model": site_model} if site_model else {})}
         row.update({k: metrics[k] for k in KEY_ORDER if k in metrics})
         row.update({k: v for k, v in metrics.items() if k not in row})
         # Strict JSON: a non-finite metric is null in the file (TensorBoard keeps the NaN).

@@ -1,6 +1,7 @@
 """A server that distrusts replies: each train or evaluate reply (and a personalization or
-cross-site evaluation reply) is checked against the message it answers before anything reads it, so that a broken or modified client (a
-SuperNode running other code) is refused, named, and the round goes on without it.
+cross-site evaluation reply) is checked against the message it answers before anything
+reads it, so that a broken or modified client (a SuperNode running other code) is refused,
+named, and the round goes on without it.
 
 A train reply must carry the arrays it was sent, by name, shape and dtype (a float for a
 float; SCAFFOLD's control variates c answered by its Δc), finite, and the metrics the server
