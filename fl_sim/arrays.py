@@ -25,13 +25,19 @@ def is_float(array: Array | np.ndarray) -> bool:
     return np.issubdtype(np.dtype(array.dtype), np.floating)
 
 
-def array_view(array: Array) -> np.ndarray:
-    """A read-only ndarray over the Array's bytes (no copy)."""
-    stream = io.BytesIO(array.data[:1024])  # the .npy header is far shorter
+def npy_header(data: bytes) -> tuple[tuple[int, ...], bool, np.dtype, int]:
+    """The (shape, Fortran order, dtype, data offset) of `.npy` bytes, from their header."""
+    stream = io.BytesIO(data[:1024])  # the .npy header is far shorter
     fmt = np.lib.format
     read_header = fmt.read_array_header_1_0 if fmt.read_magic(stream) == (1, 0) else fmt.read_array_header_2_0
     shape, fortran_order, dtype = read_header(stream)
-    view = np.frombuffer(array.data, dtype=dtype, count=int(np.prod(shape)), offset=stream.tell())
+    return shape, fortran_order, dtype, stream.tell()
+
+
+def array_view(array: Array) -> np.ndarray:
+    """A read-only ndarray over the Array's bytes (no copy)."""
+    shape, fortran_order, dtype, offset = npy_header(array.data)
+    view = np.frombuffer(array.data, dtype=dtype, count=int(np.prod(shape)), offset=offset)
     return view.reshape(shape, order="F" if fortran_order else "C")
 
 

@@ -6,3 +6,8 @@ class FlSimError(Exception):
 
     The CLI prints it as one paragraph and exits non-zero; nothing else is caught there.
     """
+
+
+class ClientFailure(RuntimeError):
+    """A client's error, its message prefixed with the client's partition id: the server
+    sees only the text."""

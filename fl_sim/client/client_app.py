@@ -20,11 +20,12 @@ from fl_sim.adversary import (
 )
 from fl_sim.arrays import is_packed, pack, to_state_dict
 from fl_sim.client import fedbn, scaffold
+from fl_sim.client.secure_aggregation import secure_aggregation_mod
 from fl_sim.client.train import optimizer_kwargs, train_local
 from fl_sim.client.train_split import client_synthesis, synthesis_report, train_split
 from fl_sim.config import DataConfig, GlobalTestConfig, PartitionConfig, RunConfig
 from fl_sim.data_partition import FederatedData
-from fl_sim.errors import FlSimError
+from fl_sim.errors import ClientFailure, FlSimError
 from fl_sim.evaluation import evaluate_splits, split_predictions
 from fl_sim.models.finetune import load_weights, travelling_state
 from fl_sim.privacy.central import NORM_BIT, clip_update, wants_clipping
@@ -42,7 +43,7 @@ def _named(handler):
             return handler(msg, context)
         except Exception as err:
             client = context.node_config.get("partition-id", "?")
-            raise RuntimeError(f"client {client}: {type(err).__name__}: {err}") from err
+            raise ClientFailure(f"client {client}: {type(err).__name__}: {err}") from err
 
     return wrapper
 
@@ -127,7 +128,7 @@ def _reply(msg: Message, partition_id: int, num_examples: int, metrics: dict,
     return Message(content=content, reply_to=msg)
 
 
-@app.train()
+@app.train(mods=[secure_aggregation_mod])  # it acts on SecAgg+ rounds only
 @_named
 def train(msg: Message, context: Context) -> Message:
     config, run_cfg, data_cfg, data, model, preprocess, partition, pid = _setup(msg, context)

@@ -6,7 +6,7 @@ from fl_sim.config.schema import (
     BASELINES, AdversaryConfig, AugmentConfig, AvailabilityConfig, ClipConfig, DataConfig,
     FinetuneConfig, GlobalTestConfig, LossConfig, LRScheduleConfig, ModelConfig,
     OptimizerConfig, PartitionConfig, PersonalizeConfig, PrivacyConfig, ResourcesConfig, Run,
-    RunConfig, StrategyConfig, StudyConfig, SynthesisConfig,
+    RunConfig, SecureAggregationConfig, StrategyConfig, StudyConfig, SynthesisConfig,
 )
 from fl_sim.config.study import expand_grid, flatten, format_validation_error, load_study
 
@@ -14,7 +14,8 @@ __all__ = [
     "BASELINES", "AdversaryConfig", "AugmentConfig", "AvailabilityConfig", "ClipConfig",
     "DataConfig", "FinetuneConfig", "GlobalTestConfig", "LossConfig", "LRScheduleConfig",
     "ModelConfig", "OptimizerConfig", "PartitionConfig", "PersonalizeConfig", "PrivacyConfig",
-    "ResourcesConfig", "Run", "RunConfig", "StrategyConfig", "StudyConfig", "SynthesisConfig",
+    "ResourcesConfig", "Run", "RunConfig", "SecureAggregationConfig", "StrategyConfig",
+    "StudyConfig", "SynthesisConfig",
     "expand_grid", "flatten", "format_validation_error", "load_study", "proximal_mu", "recipe_label",
     "run_labels", "run_name",
 ]

@@ -356,6 +356,49 @@ class AdversaryConfig(Strict):
         return ATTACK_STRENGTH[self.attack] if self.strength is None else self.strength
 
 
+# Strategies that need each client's update (a distance, a median, a loss-weighted sum),
+# which SecAgg+ never shows the server: it sees only the sum.
+NEEDS_EACH_UPDATE = ("krum", "multikrum", "bulyan", "fedmedian", "fedtrimmedavg", "qfedavg")
+
+
+class SecureAggregationConfig(Strict):
+    """SecAgg+ (Bell et al. 2020) through Flower's protocol code (docs/privacy.md): the
+    server learns the weighted sum of the clients' updates, never one update. Flower's
+    defaults where it has them; each client's shares go to `num_shares` of the sampled
+    clients (itself included), any `threshold` of which rebuild its secrets, so a round
+    survives num_shares - threshold clients that drop out after the key sharing."""
+
+    num_shares: int | float = Field(
+        1.0, gt=0, description="a count (> 2), or a share of the sampled clients (1.0: all "
+                               "of them, the original SecAgg)")
+    threshold: int | float = Field(
+        0.5, gt=0, description="shares that rebuild a secret: a count (< num_shares), or a "
+                               "share of num_shares (at least 2)")
+    clipping_range: float = Field(
+        8.0, gt=0, description="each weighted update entry is clipped to +-this, then quantized")
+    quantization_range: int = Field(2 ** 22, gt=0, description="integer levels of the quantizer")
+    modulus_range: int = Field(2 ** 32, description="the masks' range: a power of 2, at most "
+                                                    "2**32, above quantization_range")
+    max_weight: float | None = Field(
+        None, gt=0, description="the largest client weight: clients scale their update by "
+                                "weight / max_weight (default: the largest train split of the "
+                                "server's partition; 1 with uniform weighting)")
+
+    @model_validator(mode="after")
+    def _flower_takes_it(self) -> SecureAggregationConfig:
+        from flwr.server.workflow import SecAggPlusWorkflow
+
+        if self.modulus_range > 2 ** 32:  # Flower's masks are drawn below 2**32
+            raise ValueError(f"modulus_range must be at most 2**32, not {self.modulus_range}")
+        try:  # Flower's own checks of the protocol's parameters
+            SecAggPlusWorkflow(self.num_shares, self.threshold, clipping_range=self.clipping_range,
+                               quantization_range=self.quantization_range,
+                               modulus_range=self.modulus_range)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"SecAgg+: {err}".replace("reconstruction_threshold", "threshold")) from None
+        return self
+
+
 class AvailabilityConfig(Strict):
     """Clients that are sometimes away, in simulation."""
 
@@ -465,6 +508,8 @@ class RunConfig(Strict):
         False, description="after the last round, every client's model (local runs) and "
                            "personalized model on every client's test split: models travel "
                            "between sites")
+    secure_aggregation: SecureAggregationConfig | None = Field(
+        None, description="SecAgg+: the server sees only the sum of the updates (null: none)")
     adversary: AdversaryConfig | None = Field(
         None, description="hostile clients, in simulation (null: none)")
     availability: AvailabilityConfig | None = Field(
@@ -530,6 +575,27 @@ class RunConfig(Strict):
                 raise ValueError(
                     f"privacy.sample_level (DP-SGD) does not combine with {clash[0]}: its "
                     "guarantee covers per-image clipped, noised gradients only (docs/privacy.md)")
+        return self
+
+    @model_validator(mode="after")
+    def _secure_aggregation_fits_the_run(self) -> RunConfig:
+        if self.secure_aggregation is None:
+            return self
+        strategy, central = self.strategy.name, self.privacy and self.privacy.client_level
+        if strategy in BASELINES:
+            raise ValueError(f"secure_aggregation hides each client's update in a federated "
+                             f"round's sum; {strategy!r} aggregates no updates")
+        if strategy in NEEDS_EACH_UPDATE:
+            raise ValueError(
+                f"secure_aggregation gives the server only the sum of the updates, and "
+                f"strategy {strategy!r} needs each one (a distance, a median or a loss each). "
+                "Use fedavg, fedprox, fedbn, scaffold or the FedOpt family")
+        if central and central.clipping == "server":
+            raise ValueError("secure_aggregation hides each update, so the server cannot clip "
+                             "it: use privacy.client_level.clipping: client")
+        if self.cross_site_eval and self.personalize is not None:
+            raise ValueError("cross_site_eval sends each personalized model to every site in "
+                             "the clear, which secure_aggregation exists to prevent: drop one")
         return self
 
     @model_validator(mode="after")

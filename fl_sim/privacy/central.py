@@ -86,12 +86,15 @@ class _FloatArraysAccounted:
 class _ClientClipped:
     """Mixed in where the clients clip: a reply whose update is longer than the round's
     clipping norm (a client that did not clip) stops the run, as the noise would not
-    cover it."""
+    cover it. Under secure aggregation the server sees no update to check (`sees_updates`
+    False): every reply holds the mean, and the clients' own code clips."""
+
+    sees_updates = True
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
-        for reply in replies:
+        for reply in replies if self.sees_updates else ():
             if not reply.has_error():
                 norm = update_norm(self._sent, reply.content["arrays"])
                 if norm > self.clipping_norm * (1 + 1e-4) + 1e-6:
@@ -163,9 +166,10 @@ def update_norm(sent: ArrayRecord, trained: ArrayRecord) -> float:
 
 
 def with_client_level_dp(strategy: fl.FedAvg, privacy: PrivacyConfig, num_clients: int,
-                         sampled: int) -> fl.Strategy:
+                         sampled: int, secure: bool = False) -> fl.Strategy:
     """`strategy` inside Flower's clipping wrapper of `privacy.client_level`, with an
-    accountant over `num_clients` that refuses a round past `privacy.target_epsilon`."""
+    accountant over `num_clients` that refuses a round past `privacy.target_epsilon`;
+    `secure`: under secure aggregation (the clients clip, the server sees only the mean)."""
     dp = privacy.client_level
     accountant = RdpAccountant(AccountingConfig(
         target_delta=privacy.delta, population_size=num_clients,
@@ -176,8 +180,10 @@ def with_client_level_dp(strategy: fl.FedAvg, privacy: PrivacyConfig, num_client
         max_epsilon=privacy.target_epsilon))
     if dp.adaptive is None:
         wrapper = ServerSideClipping if dp.clipping == "server" else ClientSideClipping
-        return wrapper(strategy, dp.noise_multiplier, dp.clipping_norm, sampled,
-                       accountant=accountant)
+        wrapped = wrapper(strategy, dp.noise_multiplier, dp.clipping_norm, sampled,
+                          accountant=accountant)
+        wrapped.sees_updates = not secure
+        return wrapped
     adaptive = (AdaptiveServerSideClipping if dp.clipping == "server"
                 else AdaptiveClientSideClipping)
     try:
@@ -189,6 +195,7 @@ def with_client_level_dp(strategy: fl.FedAvg, privacy: PrivacyConfig, num_client
     except ValueError as err:  # the count's noise cannot carry that noise multiplier
         raise FlSimError(f"privacy.client_level.adaptive: {err}") from None
     wrapped.accountant, wrapped.release_noise = accountant, dp.noise_multiplier
+    wrapped.sees_updates = not secure
     return wrapped
 
 

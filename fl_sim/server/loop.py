@@ -37,12 +37,16 @@ from fl_sim.privacy.central import with_client_level_dp
 from fl_sim.privacy.ledger import PrivacyLedger, trainer_key
 from fl_sim.server.checkpoints import Checkpoints, RunState, keep_rows_up_to
 from fl_sim.server.failures import WRITE_ERRORS, RunFailed, check_finite, finite_or_null
-from fl_sim.server.messaging import payload_bytes, sample_nodes, send_and_check, wait_for_clients
+from fl_sim.secagg import WEIGHT_KEY
+from fl_sim.server.messaging import (
+    exchange, payload_bytes, sample_nodes, send_and_check, wait_for_clients,
+)
 from fl_sim.server.phases import CrossSiteEvaluation, Personalization, Synthesis
 from fl_sim.server.predictions import clear_predictions, save_predictions
 from fl_sim.server.rows import log_clients, log_privacy, mean_row, train_row
 from fl_sim.server.run_log import RunLog, write_json_atomic
 from fl_sim.server.schedule import LRSchedule
+from fl_sim.server.secure_aggregation import SecureAggregation
 from fl_sim.strategies import build_strategy
 from fl_sim.strategies.registry import sample_size
 from fl_sim.task import build_model, check_input_size, load_data
@@ -150,6 +154,7 @@ class FederatedRun:
                             send_models=self.cfg.cross_site_eval)
             if self.cfg.personalize is not None else None)
         self.cross_site = self._cross_site() if self.cfg.cross_site_eval else None
+        self.secure = self._secure_aggregation() if self.cfg.secure_aggregation else None
         # Last: a forward pass, after the cheap refusals.
         check_input_size(self.model, self.preprocess.input_size, self.cfg.model.name)
 
@@ -185,6 +190,23 @@ class FederatedRun:
         """The cross-site evaluation phase (after the last round), through the clients."""
         return CrossSiteEvaluation(self.config)
 
+    def _secure_aggregation(self) -> SecureAggregation:
+        """SecAgg+ for each round's training; clients weight their update by the metric it
+        names, up to `max_weight` (by default the server partition's largest train split)."""
+        cfg = self.cfg.secure_aggregation
+        sampled = sample_size(self.data.num_clients, self.cfg.strategy.fraction_train)
+        if sampled < 2 or isinstance(cfg.threshold, int) and cfg.threshold > sampled:
+            raise FlSimError(
+                f"secure_aggregation needs at least 2 clients in a round's sample, and at "
+                f"least its threshold ({cfg.threshold}); a round samples {sampled} (clients x "
+                "fraction_train).")
+        uniform = self.cfg.strategy.weighting == "uniform"
+        max_weight = cfg.max_weight or (1.0 if uniform else float(max(
+            len(self.data.indices(c, "train")) for c in range(self.data.num_clients))))
+        weight_key = "unit-weight" if uniform else "num-examples"
+        self.config[WEIGHT_KEY] = weight_key
+        return SecureAggregation(cfg, max_weight, weight_key)
+
     def _initial(self) -> tuple[ArrayRecord, Any]:
         """The initial weights (the run's seeded model) and the strategy."""
         params = self.model.named_parameters(remove_duplicate=False)
@@ -194,7 +216,8 @@ class FederatedRun:
         if self.cfg.privacy and self.cfg.privacy.client_level:
             strategy = with_client_level_dp(
                 strategy, self.cfg.privacy, self.data.num_clients,
-                sample_size(self.data.num_clients, self.cfg.strategy.fraction_train))
+                sample_size(self.data.num_clients, self.cfg.strategy.fraction_train),
+                secure=self.cfg.secure_aggregation is not None)
         return ArrayRecord(travelling_state(self.model)), strategy
 
     def _trainers(self) -> dict[str, int]:
@@ -245,10 +268,21 @@ class FederatedRun:
         # Of a sample (fraction_train / fraction_evaluate), at most all must reply.
         replies = send_and_check(grid, messages, kind, server_round, self.cfg.round_timeout_s,
                                  min(self.min_clients, len(messages)), self.client_of_node)
-        self.client_of_node.update({m.metadata.src_node_id: int(m.content["metrics"]["partition-id"])
-                                    for m in replies})
+        self._learn_clients(replies)
         state.bytes_received += sum(payload_bytes(m) for m in replies)
         return replies
+
+    def _relay(self, grid: Grid, state: RunState, messages: list[Message]) -> list[Message]:
+        """One exchange of a secure-aggregation stage, counted; the stage checks the replies."""
+        state.bytes_sent += sum(payload_bytes(m) for m in messages)
+        replies = exchange(grid, messages, self.cfg.round_timeout_s)
+        state.bytes_received += sum(payload_bytes(m) for m in replies if m.has_content())
+        return replies
+
+    def _learn_clients(self, replies: list[Message]) -> None:
+        """Which partition each replying node holds, to name a failed one later."""
+        self.client_of_node.update({m.metadata.src_node_id: int(m.content["metrics"]["partition-id"])
+                                    for m in replies})
 
     def _query(self, grid: Grid, action: str, content: RecordDict, server_round: int,
                state: RunState) -> list[Message]:
@@ -266,7 +300,13 @@ class FederatedRun:
         sample = sample_nodes(grid, self.cfg.strategy.fraction_train,
                               np.random.default_rng([self.cfg.seed, server_round, 0]))
         messages = list(strategy.configure_train(server_round, arrays, self.config, sample))
-        replies = self._exchange(messages, grid, "train", server_round, state)
+        if self.secure is None:
+            replies = self._exchange(messages, grid, "train", server_round, state)
+        else:
+            replies = self.secure.train(messages, functools.partial(self._relay, grid, state),
+                                        server_round, min(self.min_clients, len(messages)),
+                                        self.client_of_node)
+            self._learn_clients(replies)
         phase("train")
         rows = {int(m["partition-id"]): train_row(m, int(m["num-examples"]))
                 for m in (reply.content["metrics"] for reply in replies)}

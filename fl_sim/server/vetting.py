@@ -14,9 +14,11 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 
-from fl_sim.arrays import array_view, is_float, is_packed, layout
+from fl_sim.arrays import array_view, is_float, is_packed, layout, npy_header
+from fl_sim.secagg import NAMES
 from fl_sim.server.rows import TRAIN_METRICS
 from fl_sim.strategies.scaffold import CONTROL, DELTA
 
@@ -24,8 +26,9 @@ from fl_sim.strategies.scaffold import CONTROL, DELTA
 # metrics: a train reply is the model's size, an evaluate reply a few numbers.
 SIZE_FACTOR, SIZE_SLACK = 2, 1 << 20
 # Synthesis's reply (a sample grid, shown in TensorBoard only) is not.
-VETTED = ("train", "evaluate", "personalize", "cross_evaluate")
+VETTED = ("train", "evaluate", "personalize", "cross_evaluate", "masked")
 REPLY_METRICS = ("partition-id", "num-examples")
+Layout = dict[str, tuple[str, tuple[int, ...]]]  # each array's (dtype, shape) by name
 
 
 def refusal(reply: Message, sent: Message, kind: str) -> str | None:
@@ -38,7 +41,7 @@ def refusal(reply: Message, sent: Message, kind: str) -> str | None:
     metrics = reply.content.get("metrics")
     if not isinstance(metrics, MetricRecord):
         return "its reply has no metrics record"
-    needed = (*REPLY_METRICS, *TRAIN_METRICS) if kind == "train" else REPLY_METRICS
+    needed = (*REPLY_METRICS, *TRAIN_METRICS) if kind in ("train", "masked") else REPLY_METRICS
     missing = [k for k in needed if k not in metrics]
     if missing:
         return f"its reply lacks the metrics {missing}"
@@ -55,15 +58,14 @@ def refusal(reply: Message, sent: Message, kind: str) -> str | None:
     return None
 
 
-def _array_refusal(reply: Message, sent: dict[str, tuple[str, tuple[int, ...]]],
+def _array_refusal(reply: Message, sent: Layout,
                    diverged: bool) -> str | None:
     arrays = reply.content.get("arrays")
     if not isinstance(arrays, ArrayRecord):
         return "its reply has no arrays"
     if is_packed(arrays):  # still packed: its layout did not unpack (arrays.unpack)
         return "its packed arrays do not unpack"
-    expected = {DELTA + k[len(CONTROL):] if k.startswith(CONTROL) else k: kind
-                for k, kind in sent.items()}
+    expected = reply_layout(sent)
     if set(arrays) != set(expected):
         extra, missing = sorted(set(arrays) - set(expected)), sorted(set(expected) - set(arrays))
         return (f"its arrays are not the model's: {len(extra)} unexpected (e.g. {extra[:3]}), "
@@ -82,6 +84,51 @@ def _array_refusal(reply: Message, sent: dict[str, tuple[str, tuple[int, ...]]],
     return None
 
 
+def reply_layout(sent: Layout) -> Layout:
+    """The arrays a train reply answers `sent` with: the same, SCAFFOLD's c by its Δc."""
+    return {DELTA + k[len(CONTROL):] if k.startswith(CONTROL) else k: kind
+            for k, kind in sent.items()}
+
+
+def masked_refusal(reply: Message, sent: Message, weight_key: str,
+                   max_weight: float) -> str | None:
+    """Why a SecAgg+ client's masked update (its reply to the collect stage) is refused: its
+    metrics as a train reply's, then the masked arrays, by name and shape, of the update's
+    floating-point arrays (secure_aggregation's client module), and a weight within
+    max_weight (a larger one would be clipped, and skew the mean)."""
+    if why := refusal(reply, sent, "masked"):
+        return why
+    expected = {k: shape for k, (dtype, shape) in reply_layout(layout(sent.content["arrays"])).items()
+                if np.issubdtype(np.dtype(dtype), np.floating)}
+    names = reply.content.config_records.get(NAMES, {}).get("names")
+    if names != list(expected):
+        return (f"its masked update names {len(names or [])} arrays, not the model's "
+                f"{len(expected)} floating-point ones in order")
+    masked = reply.content.config_records.get(RECORD_KEY_CONFIGS, {}).get(Key.MASKED_PARAMETERS)
+    shapes = [(1,), *expected.values()]  # Flower's weight factor first
+    if not isinstance(masked, list) or len(masked) != len(shapes):
+        return f"its masked update holds {len(masked or [])} arrays, not {len(shapes)}"
+    for name, data, shape in zip(["weight", *expected], masked, shapes, strict=True):
+        try:
+            got, _, dtype, _ = npy_header(data)
+        except (TypeError, ValueError, OSError):
+            return f"its masked array {name} is not an array"
+        if tuple(got) != tuple(shape) or not np.issubdtype(dtype, np.integer):
+            return f"its masked array {name} is {dtype} {list(got)}, not integers {list(shape)}"
+    weight = reply.content["metrics"][weight_key]
+    if weight > max_weight:
+        return (f"its weight {weight:g} ({weight_key}) exceeds secure_aggregation.max_weight "
+                f"{max_weight:g}: its scaled update would be clipped")
+    return None
+
+
 def payload_bytes(msg: Message) -> int:
     """Bytes of a message's records as Flower counts them (array data, metric and config values)."""
-    return sum(record.count_bytes() for record in msg.content.values())
+    return sum(_record_bytes(record) for record in msg.content.values())
+
+
+def _record_bytes(record: ArrayRecord | MetricRecord | ConfigRecord) -> int:
+    # Flower's count fails on an empty list, which SecAgg+'s stages send (no dead node).
+    if isinstance(record, ConfigRecord) and any(v == [] for v in record.values()):
+        record = ConfigRecord({k: v for k, v in record.items() if v != []})
+    return record.count_bytes()
