@@ -13,6 +13,7 @@ import os
 import re
 import signal
 import socket
+import sys
 import time
 from pathlib import Path
 
@@ -36,13 +37,13 @@ def free_port() -> int:
 
 
 def write_study(path: Path, out: Path, rounds: int, min_clients: int | None = None,
-                round_timeout_s: float = 300, **defaults) -> Path:
+                round_timeout_s: float = 300, clients: int = 3, **defaults) -> Path:
     """Synthetic 32 px images, a tiny ConvNeXt, 3 clients: seconds of compute per message.
     `defaults`: more run settings."""
     path.write_text(yaml.safe_dump({
         "study": "deploy", "out": str(out),
         "data": {"dataset": "synthetic", "image_size": 32, "synthetic": {"num_images": 210},
-                 "partition": {"num_clients": 3}},
+                 "partition": {"num_clients": clients}},
         "defaults": {"rounds": rounds, "batch_size": 32, "model": {"name": "test_convnext"},
                      "min_clients": min_clients, "round_timeout_s": round_timeout_s, **defaults},
     }))
@@ -177,9 +178,9 @@ class Federation:
     def pid(self, name: str) -> int:
         return int((processes.state_dir() / f"{name}.pid").read_text())
 
-    def node_ids(self) -> list[str]:
+    def node_ids(self, count: int = 3) -> list[str]:
         return [re.findall(r"SuperNode ID: (\d+)", self.log(f"supernode-{i}"))[0]
-                for i in range(3)]
+                for i in range(count)]
 
     def assert_nodes_used_the_grpc_fleet_api(self) -> None:
         superlink = self.log("superlink")
@@ -259,7 +260,14 @@ def test_insecure_federation_runs_two_rounds_over_grpc(federation, tmp_path, cap
                    if r["scope"] == "cross_site"}
                   for d in (run_dir, tmp_path / "sim/deploy" / run_dir.name)]
     assert len(cross_site[0]) == 9 and cross_site[0] == cross_site[1]
-    summary = json.loads((tmp_path / "sim/deploy" / run_dir.name / "summary.json").read_text())
+    assert_simulated_as_deployed(tmp_path / "sim/deploy" / run_dir.name, deployed)
+
+
+def assert_simulated_as_deployed(simulated: Path, deployed: dict, node_ids_sent: bool = False
+                                 ) -> None:
+    """The simulated run's summary.json has the deployed one's numbers. `node_ids_sent`:
+    the messages name nodes (SecAgg+'s stages), whose ids differ in length as text."""
+    summary = json.loads((simulated / "summary.json").read_text())
     for when in ("final", "best"):
         assert summary[when].keys() == deployed[when].keys()
         for scope, value in summary[when].items():
@@ -274,7 +282,63 @@ def test_insecure_federation_runs_two_rounds_over_grpc(federation, tmp_path, cap
                     number is None or deployed[when][scope][key] is None)  # null: an absent class
                 assert number == (deployed[when][scope][key] if exact else pytest.approx(
                     deployed[when][scope][key], rel=1e-6, abs=1e-9)), (scope, key)
-    assert summary["bytes_sent"] == deployed["bytes_sent"]  # the packed wire counts as unpacked
+    # The packed wire counts as unpacked.
+    assert summary["bytes_sent"] == (pytest.approx(deployed["bytes_sent"], rel=1e-5)
+                                     if node_ids_sent else deployed["bytes_sent"])
+
+
+@pytest.mark.slow
+def test_secure_aggregation_over_a_superlink_gives_the_simulations_results(federation,
+                                                                          tmp_path, capfd):
+    """SecAgg+'s four stages through a SuperLink and 3 SuperNodes: the masks cancel exactly
+    and the quantization is seeded, so the simulation gives the same numbers."""
+    federation.superlink("--insecure")
+    for i in range(3):
+        assert federation.supernode(i, "--insecure") == 0
+    secure = {"secure_aggregation": {}}
+    study = write_study(tmp_path / "s.yaml", tmp_path / "out", rounds=2, **secure)
+    assert deploy("submit", study, "--stream") == 0
+    assert re.search(r"run \d+ finished:completed", capfd.readouterr().out)
+    [run_dir] = (tmp_path / "out" / "deploy").iterdir()
+    deployed = json.loads((run_dir / "summary.json").read_text())
+    assert deployed["complete"]
+    for i in range(3):
+        assert "Traceback" not in federation.log(f"supernode-{i}-worker")
+    simulated = write_study(tmp_path / "sim.yaml", tmp_path / "sim", rounds=2, **secure)
+    assert cli_main(["run", str(simulated)]) == 0
+    assert_simulated_as_deployed(tmp_path / "sim/deploy" / run_dir.name, deployed,
+                                 node_ids_sent=True)
+
+
+@pytest.mark.slow
+def test_modified_supernodes_malformed_replies_are_refused_naming_them(federation, tmp_path,
+                                                                      monkeypatch, capfd):
+    """Four SuperNodes run other code (tests/malformed_worker.py): their train replies have
+    a renamed array, a wrong shape, NaN, or three models' worth of padding. The SuperLink's
+    run goes on with the two honest nodes, naming each modified one and why."""
+    kinds = {"keys": "its arrays are not the model's", "shape": "is float32 [",
+             "nan": "holds non-finite values", "oversized": "bytes, more than the"}
+    federation.superlink("--insecure")
+    for i in range(2):
+        assert federation.supernode(i, "--insecure") == 0
+    honest_worker = processes.worker_command
+    for i, kind in enumerate(kinds, start=2):
+        monkeypatch.setattr(processes, "worker_command", lambda *args, kind=kind: [
+            sys.executable, str(Path(__file__).with_name("malformed_worker.py")), kind,
+            *honest_worker(*args)[3:]])
+        assert federation.supernode(i, "--insecure") == 0
+    study = write_study(tmp_path / "s.yaml", tmp_path / "out", rounds=1, min_clients=2,
+                        clients=6)
+    assert deploy("submit", study, "--stream") == 0
+    [run_dir] = (tmp_path / "out" / "deploy").iterdir()
+    assert json.loads((run_dir / "summary.json").read_text())["complete"]
+    log = run_log(int(re.search(r"as run (\d+)", capfd.readouterr().out)[1]))
+    nodes = federation.node_ids(6)
+    trained = {r["client"] for r in rows(run_dir) if r["scope"] == "client"
+               and r["split"] == "train"}
+    assert trained == {0, 1}
+    for node, why in zip(nodes[2:], kinds.values(), strict=True):
+        assert re.search(rf"node {node}: refused: [^\n]*{re.escape(why)}", log), (node, why, log)
 
 
 @pytest.mark.slow

@@ -9,6 +9,7 @@ node that persists, as a SuperNode's does."""
 import copy
 import json
 import itertools
+import pickle
 
 import numpy as np
 import pytest
@@ -126,6 +127,41 @@ def test_the_server_sees_only_masked_updates_and_the_aggregate_is_fedavgs(tmp_pa
     plain, secure = final_state(tmp_path, "plain"), final_state(tmp_path, "secure")
     worst = max(float((plain[k].double() - secure[k].double()).abs().max()) for k in floats)
     assert 0 < worst < 1e-4, worst
+
+
+@pytest.mark.parametrize("strategy, tolerance", [
+    ({"name": "fedprox", "proximal_mu": 0.1}, 1e-4),
+    ({"name": "fedbn"}, 1e-4),
+    ({"name": "scaffold"}, 1e-4),  # its Δc summed beside the weights
+    # The server's Adam step divides by the root of its second moment (tau 1e-3 by default):
+    # a step of a quantization error's size can move an entry by about eta x 1e-3.
+    ({"name": "fedadam", "params": {"eta": 0.01}}, 1e-3),
+])
+def test_the_fedavg_family_and_scaffold_aggregate_as_without_it(strategy, tolerance, tmp_path):
+    # One round: a second one trains from weights that differ by the quantization error,
+    # and training amplifies that (to ~1e-3 after two rounds here).
+    for name, secure in (("plain", None), ("secure", {})):
+        federated_run(tmp_path, secure, name=name, strategy=strategy).execute(LocalGrid(3))
+    plain, secure = final_state(tmp_path, "plain"), final_state(tmp_path, "secure")
+    floats = [k for k, v in plain.items() if v.is_floating_point()]
+    worst = max(float((plain[k].double() - secure[k].double()).abs().max()) for k in floats)
+    assert 0 < worst < tolerance, worst
+    if strategy["name"] == "scaffold":  # the server control moved by the mean Δc alike
+        plain, secure = (pickle.loads(torch.load(tmp_path / name / "checkpoints/last.pt",
+                                                 weights_only=False)["strategy"]).control
+                         for name in ("plain", "secure"))
+        assert any(np.abs(v).max() > 0 for v in plain.values())
+        worst = max(float(np.abs(plain[k] - secure[k]).max()) for k in plain)
+        assert worst < 1e-5, worst
+
+
+def test_client_side_dp_under_secure_aggregation_books_every_round(tmp_path):
+    privacy = {"client_level": {"noise_multiplier": 0.5, "clipping_norm": 1.0,
+                                "clipping": "client"}}
+    summary = federated_run(tmp_path, {}, name="secure", rounds=2, privacy=privacy,
+                            strategy={"weighting": "uniform"}).execute(LocalGrid(3))
+    assert summary["complete"]
+    assert summary["privacy"]["client_level"]["releases"] == 2
 
 
 def test_a_secure_run_repeats_exactly_despite_random_masks(tmp_path):

@@ -12,7 +12,7 @@ from fl_sim.config.schema import BASELINES, RunConfig, StrategyConfig
 # Grid keys that run_name spells out; other varying scalars are appended as `<key><value>`.
 NAMED_KEYS = {"strategy", "model", "finetune", "optimizer", "training", "clip", "seed", "loss",
               "synthesis", "personalize", "privacy", "sampler", "lr_schedule", "adversary",
-              "availability"}
+              "availability", "secure_aggregation"}
 
 
 def proximal_mu(strategy: StrategyConfig) -> float:
@@ -88,7 +88,8 @@ def adversary_tag(cfg: RunConfig) -> str:
 
 def recipe_parts(cfg: RunConfig) -> list[str]:
     """The training recipe where it differs from the defaults: loss, synthesis,
-    personalization, privacy, sampler, lr schedule, hostile and absent clients."""
+    personalization, privacy, sampler, lr schedule, hostile and absent clients, secure
+    aggregation."""
     parts = []
     loss = cfg.loss
     if loss.name != "ce" or loss.label_smoothing:
@@ -114,6 +115,8 @@ def recipe_parts(cfg: RunConfig) -> list[str]:
         parts.append(adversary_tag(cfg))
     if cfg.availability is not None:  # e.g. drop0.5
         parts.append(f"drop{cfg.availability.dropout:g}")
+    if cfg.secure_aggregation is not None:
+        parts.append("secagg")
     return parts
 
 
