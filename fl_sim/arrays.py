@@ -34,6 +34,11 @@ def npy_header(data: bytes) -> tuple[tuple[int, ...], bool, np.dtype, int]:
     return shape, fortran_order, dtype, stream.tell()
 
 
+def floats_only(arrays: ArrayRecord) -> ArrayRecord:
+    """The record's floating-point arrays (no integer counters)."""
+    return ArrayRecord(OrderedDict((k, v) for k, v in arrays.items() if is_float(v)))
+
+
 def array_view(array: Array) -> np.ndarray:
     """A read-only ndarray over the Array's bytes (no copy)."""
     shape, fortran_order, dtype, offset = npy_header(array.data)

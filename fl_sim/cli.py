@@ -79,7 +79,8 @@ def cmd_run(args: argparse.Namespace, console: Console) -> None:
         print(f"study {study.study}: {len(runs)} runs -> {study.out / study.study}")
         for r in runs:
             c = r.config
-            print(f"  {r.name}  ({c.rounds} rounds x {c.local_epochs} epochs, batch {c.batch_size})")
+            work = f"{c.local_steps} steps" if c.local_steps else f"{c.local_epochs} epochs"
+            print(f"  {r.name}  ({c.rounds} rounds x {work}, batch {c.batch_size})")
         return
     from fl_sim.simulation import run_study
 

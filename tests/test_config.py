@@ -171,3 +171,18 @@ def test_a_key_given_twice_is_refused_not_overwritten(tmp_path, capsys, text, ke
     path.write_text("study: x\ndata: {dataset: synthetic, root: null}\n"
                     "defaults: {model: {name: test_convnext}, optimizer: {name: adamw}}\n")
     assert load_study(path).study == "x"
+
+
+def test_runs_that_differ_only_in_strategy_params_get_distinct_stable_names():
+    from fl_sim.config import StudyConfig, expand_grid
+
+    def names(strategies):
+        study = StudyConfig.model_validate({"study": "s", "grid": {"strategy": strategies}})
+        return [r.name for r in expand_grid(study)]
+
+    tuned = names([{"name": "fedadam"}, {"name": "fedadam", "params": {"eta": 0.01}},
+                   {"name": "fedadam", "params": {"eta": 0.001, "tau": 0.01}}])
+    assert tuned == ["fedadam_convnext_t_sgd_s0", "fedadam-eta0.01_convnext_t_sgd_s0",
+                     "fedadam-eta0.001-tau0.01_convnext_t_sgd_s0"]
+    # A run whose name collided with none keeps the name it always had.
+    assert names([{"name": "fedadam", "params": {"eta": 0.01}}]) == ["fedadam_convnext_t_sgd_s0"]

@@ -77,3 +77,27 @@ def minority_recall(recipe: dict, shift: float) -> float:
 def test_each_recipe_finds_more_of_the_minority_class_than_plain_ce(recipe, shift, gain):
     plain = minority_recall({}, shift)
     assert minority_recall(recipe, shift) > plain + gain, (plain, recipe)
+
+
+def test_local_steps_make_every_client_take_exactly_k_steps_whatever_its_size():
+    """Issue #23 item 4: a 20-image site and a 300-image site, batches of 8, K = 7 and 45
+    (more than the small site's epoch, fewer than the large one's)."""
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (300, 4, 4, 3), dtype=np.uint8)
+    labels = rng.integers(0, 2, 300)
+    pre = BatchPreprocessor(4, ((0.5,) * 3, (0.25,) * 3), torch.device("cpu"))
+    model = nn.Sequential(nn.Flatten(), nn.Linear(48, 2))
+    for k in (7, 45):
+        cfg = RunConfig.model_validate({"local_steps": k, "batch_size": 8, "augment": False})
+        for size in (20, 300):
+            result = train_local(model, images, labels, np.arange(size), pre, cfg,
+                                 np.random.default_rng(1))
+            assert result["steps"] == k, (k, size)
+    epochs = RunConfig.model_validate({"local_epochs": 2, "batch_size": 8, "augment": False})
+    assert train_local(model, images, labels, np.arange(20), pre, epochs,
+                       np.random.default_rng(1))["steps"] == 6  # 3 batches (8, 8, 4) x 2
+
+
+def test_local_steps_replace_local_epochs_and_say_so():
+    with pytest.raises(ValueError, match="leave local_epochs at 1"):
+        RunConfig.model_validate({"local_steps": 10, "local_epochs": 3})

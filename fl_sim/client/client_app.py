@@ -213,7 +213,7 @@ def personalize(msg: Message, context: Context) -> Message:
     images, labels, indices = train_split(data, [partition], run_cfg, data_cfg, preprocess.device)
     epochs = run_cfg.personalize.fine_tune_epochs
     train_local(model, images, labels, indices, preprocess,
-                run_cfg.model_copy(update={"local_epochs": epochs}),
+                run_cfg.model_copy(update={"local_epochs": epochs, "local_steps": None}),
                 rng=client_rng(run_cfg.seed, pid, int(config["server-round"]), stream=2),
                 lr=float(config["lr"]) if "lr" in config else None)
     metrics = evaluate_splits(model, data, partition, preprocess, run_cfg.eval_batch_size,

@@ -5,6 +5,7 @@ between them by accident."""
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from contextlib import nullcontext
 
@@ -62,13 +63,18 @@ def make_optimizer(model: nn.Module, cfg: OptimizerConfig,
 
 def _batches(indices: np.ndarray, labels: np.ndarray, cfg: RunConfig,
              rng: np.random.Generator) -> Iterator[np.ndarray]:
-    """The rows of each step: `cfg.local_epochs` epochs in `cfg.sampler`'s order, or under
-    DP-SGD Poisson draws (an empty draw is skipped: nothing to train, the step is booked)."""
+    """The rows of each step: `cfg.local_epochs` epochs in `cfg.sampler`'s order, or
+    `cfg.local_steps` batches of as many such epochs as they take (the last one cut short),
+    or under DP-SGD Poisson draws (an empty draw is skipped: nothing to train, the step is
+    booked)."""
     if cfg.privacy and cfg.privacy.sample_level:
         yield from (idx for idx in poisson_batches(indices, cfg.batch_size, cfg.local_epochs)
                     if len(idx))
         return
-    for _ in range(cfg.local_epochs):
+    if len(indices) == 0:
+        return
+    steps = 0
+    for _ in itertools.count() if cfg.local_steps else range(cfg.local_epochs):
         order = epoch_order(indices, labels, cfg.sampler, rng)
         for start in range(0, len(order), cfg.batch_size):
             # Sorted rows read the memmap sequentially; the batch's order does not matter.
@@ -76,6 +82,9 @@ def _batches(indices: np.ndarray, labels: np.ndarray, cfg: RunConfig,
             if len(idx) < 2 and len(order) > 1:
                 continue  # a batch of one breaks BatchNorm; its image returns next epoch
             yield idx
+            steps += 1
+            if steps == cfg.local_steps:
+                return
 
 
 def train_local(
@@ -90,7 +99,8 @@ def train_local(
     lr: float | None = None,
     gradient_correction: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, float]:
-    """`cfg.local_epochs` epochs of the run's loss (+ FedProx term) from the current weights,
+    """`cfg.local_epochs` epochs (or `cfg.local_steps` steps) of the run's loss (+ FedProx
+    term) from the current weights,
     at learning rate `lr` (the schedule's for this round; None: the optimizer's).
     `gradient_correction` (SCAFFOLD's c - c_i, by parameter name) is added to each gradient.
     Under `privacy.sample_level` the steps are DP-SGD's (fl_sim.privacy.dpsgd).

@@ -478,6 +478,9 @@ class RunConfig(Strict):
 
     rounds: int = Field(3, ge=1, le=10_000)
     local_epochs: int = Field(1, ge=1, le=1000)
+    local_steps: int | None = Field(
+        None, ge=1, le=100_000, description="optimizer steps a round at every client whatever "
+                                            "its size, in place of local_epochs (FLamby: 100)")
     batch_size: int = Field(32, ge=1, le=4096)
     eval_batch_size: int = Field(128, ge=1, le=16_384)
     model: ModelConfig = ModelConfig()
@@ -533,6 +536,18 @@ class RunConfig(Strict):
                 f"lr_schedule.warmup_rounds {warmup} with {self.rounds} rounds: the warm-up "
                 f"reaches the base rate at round {warmup + 1}, so no round would train at it; "
                 f"use at most {self.rounds - 1} warm-up rounds")
+        return self
+
+    @model_validator(mode="after")
+    def _steps_or_epochs(self) -> RunConfig:
+        if self.local_steps is None:
+            return self
+        if self.local_epochs != 1:
+            raise ValueError(f"local_steps replaces local_epochs: leave local_epochs at 1 "
+                             f"(it is {self.local_epochs})")
+        if self.privacy and self.privacy.sample_level:
+            raise ValueError("local_steps does not combine with privacy.sample_level: DP-SGD "
+                             "draws and books whole epochs of Poisson batches")
         return self
 
     @model_validator(mode="after")

@@ -11,7 +11,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from fl_sim.config.naming import NAMED_KEYS, run_name
+from fl_sim.config.naming import NAMED_KEYS, run_labels, run_name
 from fl_sim.config.schema import Run, RunConfig, StudyConfig
 from fl_sim.errors import FlSimError
 
@@ -133,11 +133,28 @@ def expand_grid(study: StudyConfig) -> list[Run]:
         keys = list(grid)
         for combo in itertools.product(*(grid[k] for k in keys)):
             runs.append(_expand_one(base, keys, combo))
+    runs = _named_by_params(runs)
     names = [r.name for r in runs]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise FlSimError(f"the grid gives several runs the same name: {', '.join(dupes)}")
     return runs
+
+
+def _named_by_params(runs: list[Run]) -> list[Run]:
+    """Runs that share a name but not their `strategy.params` (two FedAdam rates) get the
+    params in their strategy part, e.g. `fedadam-eta0.01_...`; other names stay as they
+    were, so the folders of earlier studies keep theirs."""
+    names = [r.name for r in runs]
+    out = []
+    for run in runs:
+        params = run.config.strategy.params
+        if names.count(run.name) > 1 and params:
+            label = run_labels(run.config)["strategy"]
+            tag = "-".join(f"{k}{v:g}" for k, v in sorted(params.items()))
+            run = Run(name=f"{label}-{tag}{run.name[len(label):]}", config=run.config)
+        out.append(run)
+    return out
 
 
 def _expand_one(base: dict[str, Any], keys: list[str], combo: tuple) -> Run:

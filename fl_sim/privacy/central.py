@@ -29,16 +29,12 @@ from flwr.supercore.privacy_accounting import (
 from flwr.supercore.privacy_accounting import PrivacyConfig as AccountingConfig
 from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
-from fl_sim.arrays import is_float
+from fl_sim.arrays import floats_only, is_float
 from fl_sim.config import PrivacyConfig
 from fl_sim.errors import FlSimError
 
 ACCOUNTING = ("RDP (dp-accounting, Flower's RdpAccountant); add-or-remove-one client, "
               "no amplification by sampling")
-
-
-def floats_only(arrays: ArrayRecord) -> ArrayRecord:
-    return ArrayRecord(OrderedDict((k, v) for k, v in arrays.items() if is_float(v)))
 
 
 class _FloatArraysAccounted:

@@ -1,7 +1,7 @@
 """The baselines a federated result is read against, as runs of the grid:
 
 - `pooled`: one model trained on the union of all clients' train splits (what no hospital
-  may do), `local_epochs` epochs per round;
+  may do), `local_epochs` epochs (or `local_steps` steps) per round;
 - `local`: every client trains its own model on its own train split only.
 
 Both train in this process with the same `train_local` and recipe as a federated client

@@ -518,4 +518,5 @@ def hparams_of(cfg: RunConfig) -> dict[str, Any]:
             "mu": proximal_mu(cfg.strategy) if cfg.strategy.name == "fedprox" else 0.0,
             "model": cfg.model.name,
             "optimizer": cfg.optimizer.name, "training": cfg.training, "seed": cfg.seed,
-            "local_epochs": cfg.local_epochs, "batch_size": cfg.batch_size}
+            "local_epochs": cfg.local_epochs, "local_steps": cfg.local_steps or 0,
+            "batch_size": cfg.batch_size}

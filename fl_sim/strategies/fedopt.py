@@ -29,7 +29,8 @@ class ParametersOnly:
         self, server_round: int, replies: Iterable[Message],
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
-        stepped, metrics = super().aggregate_train(server_round, replies)  # type: ignore[misc]
+        stepped, metrics = super().aggregate_train(  # type: ignore[misc]
+            server_round, self._stepped_replies(replies))
         if stepped is None:
             return stepped, metrics
         mean, _ = fl.FedAvg.aggregate_train(self, server_round, replies)  # type: ignore[arg-type]
@@ -40,6 +41,10 @@ class ParametersOnly:
 
     def _steps(self, key: str, array: Array) -> bool:
         return is_float(array) and (self.trainable is None or key in self.trainable)
+
+    def _stepped_replies(self, replies: list[Message]) -> list[Message]:
+        """The replies the server step sees (all of them; QFedAvg: their float arrays)."""
+        return replies
 
 
 class FedAdam(ParametersOnly, fl.FedAdam):

@@ -36,6 +36,18 @@ STRATEGIES: dict[str, type[fl.FedAvg]] = {
 # aggregate as before the interruption (also in a ServerApp process that builds none).
 use_weighted_mean()
 
+# The server optimizers' defaults where Flower's fail a real model (FedAdam's eta 0.1 moves
+# every weight about 0.1 a round): FLamby's tuned server rates (eta 0.0032 for FedAdam and
+# FedYogi, 0.032 for FedAdagrad) with Reddi et al. 2021's tau 1e-3; FedAvgM with Hsu et al.
+# 2019's momentum 0.9 at a server rate of 0.1, so that its steady step is FedAvg's
+# (0.1 / (1 - 0.9) = 1). `strategy.params` overrides each.
+SERVER_DEFAULTS: dict[str, dict[str, float]] = {
+    "fedadam": {"eta": 0.0032, "tau": 1e-3},
+    "fedyogi": {"eta": 0.0032, "tau": 1e-3},
+    "fedadagrad": {"eta": 0.032, "tau": 1e-3},
+    "fedavgm": {"server_learning_rate": 0.1, "server_momentum": 0.9},
+}
+
 # Set by fl-sim itself, so not accepted in `strategy.params`.
 _MANAGED = {
     "fraction_train", "fraction_evaluate", "min_train_nodes", "min_evaluate_nodes",
@@ -90,7 +102,7 @@ def build_strategy(cfg: StrategyConfig, num_clients: int, min_clients: int | Non
             f"it takes: {sorted(strategy_params(cfg.name)) or 'nothing'}."
         )
     check_bounds(cfg, sample_size(num_clients, cfg.fraction_train))
-    kwargs = dict(cfg.params)
+    kwargs = {**SERVER_DEFAULTS.get(cfg.name, {}), **cfg.params}
     if cfg.name == "fedprox":
         kwargs["proximal_mu"] = proximal_mu(cfg)
     if cfg.name == "qfedavg" and "client_learning_rate" not in kwargs:
