@@ -157,3 +157,24 @@ def test_pooled_local_and_fedavg_on_the_real_ham10000_and_their_report(ham_root,
     gap = f"{fedavg - pooled:+.3f}".replace("-", "−")
     assert re.search(rf"\| fedavg \| 1 \| {fedavg:.3f} \[[0-9.]+, [0-9.]+\] \| {gap} \|", section)
     assert "| fedavg − pooled |" in section and "| fedavg − local |" in section  # paired tests
+
+
+def test_kept_optimizer_state_changes_training_and_a_resume_says_it_starts_afresh(
+        tmp_path, caplog):
+    fresh = make_study(tmp_path / "f", strategy={"name": "pooled"}, rounds=3)
+    kept = make_study(tmp_path / "k", strategy={"name": "pooled"}, rounds=3,
+                      client_state="keep")
+    weights = [last_weights(run_one(s)[1]) for s in (fresh, kept)]
+    assert not torch.equal(weights[0]["head.fc.weight"], weights[1]["head.fc.weight"])
+    cut = make_study(tmp_path / "cut", strategy={"name": "pooled"}, rounds=3,
+                     client_state="keep")
+    [run] = expand_grid(cut)
+
+    def crash(report):
+        if report.server_round == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        BASELINE_RUNS["pooled"](cut, run, run.dir(cut), on_round=crash).execute()
+    run_one(cut)
+    assert "resumes after round 2 with fresh client optimizers" in caplog.text

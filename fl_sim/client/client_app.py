@@ -20,6 +20,7 @@ from fl_sim.adversary import (
 )
 from fl_sim.arrays import is_packed, pack, to_state_dict
 from fl_sim.client import fedbn, scaffold
+from fl_sim.client.node_state import KeptOptimizer
 from fl_sim.client.secure_aggregation import secure_aggregation_mod
 from fl_sim.client.train import optimizer_kwargs, train_local
 from fl_sim.client.train_split import client_synthesis, synthesis_report, train_split
@@ -151,12 +152,15 @@ def train(msg: Message, context: Context) -> Message:
         control = scaffold.ClientControl(model, server_control, context.state,
                                          str(config["run-config"]))
 
+    kept = (KeptOptimizer(context.state, str(config["run-config"]))
+            if run_cfg.client_state == "keep" else None)
+
     def fit(rows):
         return train_local(
             model, images, labels, rows, preprocess, run_cfg,
             rng=client_rng(run_cfg.seed, pid, server_round, stream=0),
             proximal_mu=float(config.get("proximal-mu", 0.0)), lr=lr,
-            gradient_correction=control.correction() if control else None)
+            gradient_correction=control.correction() if control else None, kept=kept)
 
     start = time.perf_counter()
     estimates = []

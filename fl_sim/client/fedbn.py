@@ -11,12 +11,12 @@ the global model's.
 
 from __future__ import annotations
 
-import hashlib
 
 from flwr.app import ArrayRecord, RecordDict
 from torch import nn
 
 from fl_sim.arrays import to_state_dict
+from fl_sim.client.node_state import state_key
 
 GLOBAL_BATCHNORM = "the mean of the clients' BatchNorm statistics (FedBN: each client uses its own)"
 
@@ -28,14 +28,9 @@ def batchnorm_keys(model: nn.Module) -> list[str]:
             for key in module.state_dict()]
 
 
-def _state_key(run_json: str) -> str:
-    """One record per run: a study's runs share the simulation's nodes and their state."""
-    return "fedbn-" + hashlib.sha256(run_json.encode()).hexdigest()[:16]
-
-
 def load_own(model: nn.Module, state: RecordDict, run_json: str) -> None:
     """This client's BatchNorm layers into `model` (after the global weights), if it has any."""
-    key = _state_key(run_json)
+    key = state_key("fedbn", run_json)
     if key in state:
         model.load_state_dict(to_state_dict(state[key]), strict=False)
 
@@ -43,4 +38,4 @@ def load_own(model: nn.Module, state: RecordDict, run_json: str) -> None:
 def keep_own(model: nn.Module, state: RecordDict, run_json: str) -> None:
     """This client's BatchNorm layers after training, for its next messages."""
     own = model.state_dict()
-    state[_state_key(run_json)] = ArrayRecord({k: own[k] for k in batchnorm_keys(model)})
+    state[state_key("fedbn", run_json)] = ArrayRecord({k: own[k] for k in batchnorm_keys(model)})

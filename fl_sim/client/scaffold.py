@@ -10,7 +10,6 @@ it is the same estimate of the client's drift.
 
 from __future__ import annotations
 
-import hashlib
 from collections import OrderedDict
 
 import torch
@@ -18,6 +17,7 @@ from flwr.app import ArrayRecord, RecordDict
 from torch import nn
 
 from fl_sim.arrays import to_state_dict
+from fl_sim.client.node_state import state_key
 from fl_sim.strategies.scaffold import CONTROL, DELTA
 
 Tensors = OrderedDict[str, torch.Tensor]
@@ -30,16 +30,12 @@ def split(state: Tensors) -> tuple[Tensors, Tensors]:
     return weights, control
 
 
-def _state_key(run_json: str) -> str:
-    return "scaffold-" + hashlib.sha256(run_json.encode()).hexdigest()[:16]
-
-
 class ClientControl:
     """One client's SCAFFOLD round: the gradient correction before training, Δc_i after."""
 
     def __init__(self, model: nn.Module, server: Tensors, state: RecordDict, run_json: str) -> None:
         device = next(model.parameters()).device
-        self.state, self.key = state, _state_key(run_json)
+        self.state, self.key = state, state_key("scaffold", run_json)
         self.server = OrderedDict((k, v.to(device, torch.float32)) for k, v in server.items())
         own = to_state_dict(state[self.key]) if self.key in state else {}
         self.own = OrderedDict((k, own[k].to(device) if k in own else torch.zeros_like(v))

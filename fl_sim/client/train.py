@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fl_sim.client.node_state import KeptOptimizer
 from fl_sim.client.recipe import epoch_order, make_loss
 from fl_sim.config import OptimizerConfig, RunConfig
 from fl_sim.evaluation import autocast
@@ -98,6 +99,7 @@ def train_local(
     proximal_mu: float = 0.0,
     lr: float | None = None,
     gradient_correction: dict[str, torch.Tensor] | None = None,
+    kept: KeptOptimizer | None = None,
 ) -> dict[str, float]:
     """`cfg.local_epochs` epochs (or `cfg.local_steps` steps) of the run's loss (+ FedProx
     term) from the current weights,
@@ -105,7 +107,9 @@ def train_local(
     `gradient_correction` (SCAFFOLD's c - c_i, by parameter name) is added to each gradient.
     Under `privacy.sample_level` the steps are DP-SGD's (fl_sim.privacy.dpsgd).
 
-    A fresh optimizer each round, as in FedAvg: optimizer state is local and not federated.
+    A fresh optimizer each round, as in FedAvg: optimizer state is local and not federated;
+    with `kept` (client_state: keep) it starts from the state the last round left, and
+    leaves its own for the next.
     Returns the mean training loss (without the proximal term), the training accuracy of
     the batches as they were trained on, the number of steps, and where it trained
     (`device_report`).
@@ -113,6 +117,8 @@ def train_local(
     device = preprocess.device
     train_mode(model)  # frozen parts (partial fine-tuning) stay in eval mode
     optimizer = make_optimizer(model, cfg.optimizer, lr)
+    if kept is not None:
+        kept.load(optimizer)
     criterion = make_loss(cfg.loss, labels[indices])
     global_params = (
         [p.detach().clone() for p in model.parameters() if p.requires_grad]
@@ -152,6 +158,8 @@ def train_local(
             correct += (logits.detach().argmax(1) == y).sum()
             seen += len(idx)
             steps += 1
+    if kept is not None:
+        kept.save(optimizer)
     return {"train_loss": total.item() / max(seen, 1), "train_acc": correct.item() / max(seen, 1),
             "steps": steps, **device_report(device)}
 

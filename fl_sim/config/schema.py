@@ -478,6 +478,10 @@ class RunConfig(Strict):
 
     rounds: int = Field(3, ge=1, le=10_000)
     local_epochs: int = Field(1, ge=1, le=1000)
+    client_state: Literal["fresh", "keep"] = Field(
+        "fresh", description="keep: each client's optimizer state (momentum, Adam's moments) "
+                             "carried from round to round in its node; fresh: a new optimizer "
+                             "each round, as in FedAvg")
     local_steps: int | None = Field(
         None, ge=1, le=100_000, description="optimizer steps a round at every client whatever "
                                             "its size, in place of local_epochs (FLamby: 100)")
@@ -548,6 +552,13 @@ class RunConfig(Strict):
         if self.privacy and self.privacy.sample_level:
             raise ValueError("local_steps does not combine with privacy.sample_level: DP-SGD "
                              "draws and books whole epochs of Poisson batches")
+        return self
+
+    @model_validator(mode="after")
+    def _kept_state_is_not_private(self) -> RunConfig:
+        if self.client_state == "keep" and self.privacy and self.privacy.sample_level:
+            raise ValueError("client_state: keep is not built for privacy.sample_level: Opacus "
+                             "wraps the optimizer anew each round")
         return self
 
     @model_validator(mode="after")

@@ -17,10 +17,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord
+from flwr.app import ArrayRecord, RecordDict
 from torch import nn
 
 from fl_sim.arrays import to_state_dict
+from fl_sim.client.node_state import KeptOptimizer
 from fl_sim.client.train import train_local
 from fl_sim.client.train_split import client_synthesis, synthesis_report, train_split
 from fl_sim.evaluation import evaluate_splits, metrics_of
@@ -34,7 +35,13 @@ from fl_sim.task import client_rng
 
 
 class BaselineRun(FederatedRun):
-    """What both baselines share: training a model on some rows, evaluating every client."""
+    """What both baselines share: training a model on some rows, evaluating every client.
+    `node_states`: what each trainer keeps between rounds (client_state: keep), as a node's
+    state would hold it."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.node_states: dict[int, RecordDict] = {}
 
     def _initial(self) -> tuple[ArrayRecord, Any]:
         return ArrayRecord(self.model.state_dict()), None  # no strategy
@@ -55,9 +62,12 @@ class BaselineRun(FederatedRun):
         images, labels, indices = train_split(self.data, clients, self.cfg, self.study.data,
                                               self.preprocess.device)
         start = time.perf_counter()
+        kept = (KeptOptimizer(self.node_states.setdefault(rng_client, RecordDict()),
+                              self.cfg.model_dump_json())
+                if self.cfg.client_state == "keep" else None)
         result = train_local(self.model, images, labels, indices, self.preprocess, self.cfg,
                              rng=client_rng(self.cfg.seed, rng_client, server_round, stream=0),
-                             lr=float(self.config["lr"]))
+                             lr=float(self.config["lr"]), kept=kept)
         result["train_time_s"] = time.perf_counter() - start
         # `n` counts the clients' own images, as a federated client's reply does.
         return train_row(result, int((indices < len(self.data.images)).sum()))

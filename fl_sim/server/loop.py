@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import pickle
 import time
 from collections import OrderedDict
@@ -51,6 +52,9 @@ from fl_sim.strategies import build_strategy
 from fl_sim.strategies.registry import sample_size
 from fl_sim.task import build_model, check_input_size, load_data
 from fl_sim.tracking import open_mirror
+
+
+logger = logging.getLogger(__name__)  # (`log` is a RunLog throughout)
 
 
 class PhaseTimer:
@@ -167,6 +171,10 @@ class FederatedRun:
         if ckpt is not None:
             state = self.checkpoints.restore(ckpt)
             self._write_summary(state, done=False)  # it may lag the checkpoints by a round
+            if self.cfg.client_state == "keep" and state.round < self.cfg.rounds:
+                logger.warning("%s resumes after round %d with fresh client optimizers: "
+                               "client_state: keep lives in the nodes' state, which a new "
+                               "run does not have", self.run.name, state.round)
             return (self._arrays_of(ckpt["state_dict"]), pickle.loads(ckpt["strategy"]), state)
         # A fresh start keeps nothing of an earlier one cut before its first checkpoint.
         for stale in (*self.run_dir.glob("events.out.tfevents.*"), self.checkpoints.best,
