@@ -12,7 +12,7 @@ from fl_sim.config.schema import BASELINES, RunConfig, StrategyConfig
 # Grid keys that run_name spells out; other varying scalars are appended as `<key><value>`.
 NAMED_KEYS = {"strategy", "model", "finetune", "optimizer", "training", "clip", "seed", "loss",
               "synthesis", "personalize", "privacy", "sampler", "lr_schedule", "adversary",
-              "availability", "secure_aggregation"}
+              "availability", "secure_aggregation", "local_steps", "client_state"}
 
 
 def proximal_mu(strategy: StrategyConfig) -> float:
@@ -89,7 +89,7 @@ def adversary_tag(cfg: RunConfig) -> str:
 def recipe_parts(cfg: RunConfig) -> list[str]:
     """The training recipe where it differs from the defaults: loss, synthesis,
     personalization, privacy, sampler, lr schedule, hostile and absent clients, secure
-    aggregation."""
+    aggregation, local steps, kept optimizer state."""
     parts = []
     loss = cfg.loss
     if loss.name != "ce" or loss.label_smoothing:
@@ -117,6 +117,10 @@ def recipe_parts(cfg: RunConfig) -> list[str]:
         parts.append(f"drop{cfg.availability.dropout:g}")
     if cfg.secure_aggregation is not None:
         parts.append("secagg")
+    if cfg.local_steps is not None:  # e.g. steps100: 100 optimizer steps a round
+        parts.append(f"steps{cfg.local_steps}")
+    if cfg.client_state == "keep":  # the clients' optimizer state kept across rounds
+        parts.append("keepopt")
     return parts
 
 

@@ -204,7 +204,8 @@ def _varying_settings(configs: list[dict[str, Any]]) -> pd.DataFrame:
 _RECIPE_PREFIXES = ("run_config.loss.", "run_config.synthesis", "run_config.personalize",
                     "run_config.privacy", "run_config.sampler",
                     "run_config.lr_schedule.", "run_config.adversary",
-                    "run_config.availability")
+                    "run_config.availability", "run_config.secure_aggregation",
+                    "run_config.local_steps", "run_config.client_state")
 
 
 def _recipe_tags(settings: pd.DataFrame, configs: list[dict[str, Any]]) -> pd.DataFrame:
