@@ -15,7 +15,7 @@ from fl_sim.transforms import BatchPreprocessor
 
 def test_class_weights_from_the_split_only_and_absent_classes_do_not_divide_by_zero():
     labels = np.array([0] * 8 + [1] * 2)  # classes 2 and 3 absent
-    w = class_weights(labels, 4)
+    w = class_weights(np.bincount(labels, minlength=4))
     assert w.tolist() == pytest.approx([10 / (2 * 8), 10 / (2 * 2), 1.0, 1.0])
     assert np.isfinite(w).all()
     assert w[labels].mean() == pytest.approx(1.0)  # the mean weight over the split's images
@@ -31,11 +31,46 @@ def test_focal_loss_is_the_formula_and_gamma_zero_is_cross_entropy():
     assert zero(logits, y).item() == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-6)
 
 
+def test_logit_adjustment_differs_from_ce_exactly_by_the_prior_offsets():
+    """Issue #23 item 2: the loss is CE of logits + tau x log(prior of the client's own
+    split), a missing class at the floor; the logits the model predicts with are its own."""
+    labels = np.array([0] * 6 + [1] * 3 + [2])  # class 3 absent
+    torch.manual_seed(0)
+    logits, y = torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1])
+    prior = torch.tensor([0.6, 0.3, 0.1, 1e-6]).log()
+    for tau in (None, 0.5):
+        loss = make_loss(LossConfig(name="logit_adjusted", tau=tau), labels)(logits, y)
+        expected = F.cross_entropy(logits + (1.0 if tau is None else tau) * prior, y)
+        assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+        assert loss.item() != pytest.approx(F.cross_entropy(logits, y).item())
+
+
+def test_federation_weights_come_from_the_total_counts_not_the_clients_own():
+    own = np.array([0] * 9 + [1])
+    federation = np.array([50, 50])  # balanced overall: every weight 1
+    logits, y = torch.tensor([[2.0, 0.0], [0.5, 0.0]]), torch.tensor([0, 1])
+    cfg = LossConfig(name="weighted_ce", class_weights="federation")
+    loss = make_loss(cfg, own, federation_counts=federation)(logits, y)
+    assert loss.item() == pytest.approx(F.cross_entropy(logits, y).item())
+    with pytest.raises(ValueError, match="federation's class counts did not come"):
+        make_loss(cfg, own)
+
+
+def test_weighted_focal_weighs_each_image_by_its_class():
+    labels = np.array([0] * 9 + [1])
+    torch.manual_seed(1)
+    logits, y = torch.randn(4, 2), torch.tensor([0, 1, 0, 1])
+    w = torch.tensor(class_weights(np.bincount(labels)), dtype=torch.float32)
+    p = logits.softmax(1)[torch.arange(4), y]
+    loss = make_loss(LossConfig(name="focal", class_weights="client"), labels)(logits, y)
+    assert loss.item() == pytest.approx((w[y] * (1 - p) ** 2 * -p.log()).mean().item(), rel=1e-5)
+
+
 def test_weighted_ce_weights_each_class_by_the_split_counts():
     labels = np.array([0] * 9 + [1])
     logits, y = torch.tensor([[2.0, 0.0], [0.5, 0.0]]), torch.tensor([0, 1])  # class 1 is hard
     loss = make_loss(LossConfig(name="weighted_ce"), labels)(logits, y)
-    w = torch.tensor(class_weights(labels, 2), dtype=torch.float32)
+    w = torch.tensor(class_weights(np.bincount(labels, minlength=2)), dtype=torch.float32)
     assert loss.item() == pytest.approx(F.cross_entropy(logits, y, weight=w).item())
     assert loss.item() != pytest.approx(F.cross_entropy(logits, y).item())
 
@@ -73,7 +108,10 @@ def minority_recall(recipe: dict, shift: float) -> float:
     ({"loss": {"name": "weighted_ce"}}, 12, 0.5),
     ({"sampler": "balanced"}, 12, 0.5),
     ({"loss": {"name": "focal", "gamma": 2}}, 25, 0.1),
-], ids=["weighted_ce", "balanced", "focal"])
+    # Trained on logits + log(prior), predicting with the plain logits: the minority's
+    # logit is no longer held down by its 5 % prior.
+    ({"loss": {"name": "logit_adjusted"}}, 12, 0.5),
+], ids=["weighted_ce", "balanced", "focal", "logit_adjusted"])
 def test_each_recipe_finds_more_of_the_minority_class_than_plain_ce(recipe, shift, gain):
     plain = minority_recall({}, shift)
     assert minority_recall(recipe, shift) > plain + gain, (plain, recipe)

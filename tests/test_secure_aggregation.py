@@ -2,25 +2,22 @@
 the aggregate is plain FedAvg's within the quantization error, and clients that drop out after
 the key sharing are survived down to the threshold, below which the round fails naming them.
 
-The rounds here run in this process: `LocalGrid` hands each message (a copy, as a real
-transport does) to fl-sim's real ClientApp, Flower's SecAgg+ mod included, with a Context per
-node that persists, as a SuperNode's does."""
+The rounds here run in this process through tests/local_grid.py: fl-sim's real ClientApp,
+Flower's SecAgg+ mod included."""
 
-import copy
 import json
-import itertools
 import pickle
 
 import numpy as np
 import pytest
 import torch
-from flwr.app import Context, Error, Message, RecordDict
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.supercore.task_identity import TaskIdentity
 from pydantic import ValidationError
 
+from local_grid import LocalGrid
+
 from fl_sim.arrays import to_state_dict
-from fl_sim.client.client_app import app
 from fl_sim.config import Run, RunConfig, StudyConfig
 from fl_sim.errors import FlSimError
 from fl_sim.server.loop import FederatedRun
@@ -31,45 +28,6 @@ def task_identity(monkeypatch):
     monkeypatch.setattr(TaskIdentity, "_run_id", 1)
     monkeypatch.setattr(TaskIdentity, "_node_id", 0)
     monkeypatch.setattr(TaskIdentity, "_task_id", 1)
-
-
-class LocalGrid:
-    """Nodes 10, 11, ... holding partitions 0, 1, ... run fl-sim's ClientApp on copies of the
-    messages. `drop`: (node, stage) pairs at which that node fails instead of replying.
-    `seen`: every message the server pulled, as it got it."""
-
-    def __init__(self, clients: int, drop: tuple[tuple[int, str], ...] = ()) -> None:
-        self.contexts = {10 + c: Context(run_id=1, node_id=10 + c, node_config={"partition-id": c},
-                                         state=RecordDict(), run_config={})
-                         for c in range(clients)}
-        self.drop, self.seen, self.replies = set(drop), [], {}
-        self.ids = itertools.count()
-
-    def get_node_ids(self) -> list[int]:
-        return list(self.contexts)
-
-    def push_messages(self, messages):
-        ids = []
-        for m in messages:
-            ids.append(f"m{next(self.ids)}")
-            m.metadata.__dict__["_message_id"] = ids[-1]
-            inbound = copy.deepcopy(m)
-            node = m.metadata.dst_node_id
-            stage = (m.content.config_records[RECORD_KEY_CONFIGS][Key.STAGE]
-                     if RECORD_KEY_CONFIGS in m.content.config_records else None)
-            if (node, stage) in self.drop:
-                self.replies[ids[-1]] = Message(Error(code=1, reason="node lost"), reply_to=m)
-                continue
-            try:
-                self.replies[ids[-1]] = app(inbound, self.contexts[node])
-            except Exception as err:  # as Flower turns a ClientApp's exception into a reply
-                self.replies[ids[-1]] = Message(Error(code=1, reason=str(err)), reply_to=m)
-        return ids
-
-    def pull_messages(self, message_ids):
-        pulled = [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
-        self.seen += pulled  # as they came: the server gets copies
-        return [copy.deepcopy(m) for m in pulled]
 
 
 def federated_run(tmp_path, secure: dict | None, clients: int = 3, rounds: int = 1,

@@ -12,6 +12,7 @@ import functools
 import time
 from collections import OrderedDict
 
+import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -23,7 +24,9 @@ from fl_sim.client import fedbn, scaffold
 from fl_sim.client.node_state import KeptOptimizer
 from fl_sim.client.secure_aggregation import secure_aggregation_mod
 from fl_sim.client.train import optimizer_kwargs, train_local
-from fl_sim.client.train_split import client_synthesis, synthesis_report, train_split
+from fl_sim.client.train_split import (
+    client_synthesis, own_class_counts, synthesis_report, train_split,
+)
 from fl_sim.config import DataConfig, GlobalTestConfig, PartitionConfig, RunConfig
 from fl_sim.data_partition import FederatedData
 from fl_sim.errors import ClientFailure, FlSimError
@@ -31,6 +34,7 @@ from fl_sim.evaluation import evaluate_splits, split_predictions
 from fl_sim.models.finetune import load_weights, travelling_state
 from fl_sim.privacy.central import NORM_BIT, clip_update, wants_clipping
 from fl_sim.task import client_rng, device, load_data, load_model, model_frozen_digest
+from fl_sim.wire import FEDERATION_COUNTS
 
 app = ClientApp()
 
@@ -160,7 +164,8 @@ def train(msg: Message, context: Context) -> Message:
             model, images, labels, rows, preprocess, run_cfg,
             rng=client_rng(run_cfg.seed, pid, server_round, stream=0),
             proximal_mu=float(config.get("proximal-mu", 0.0)), lr=lr,
-            gradient_correction=control.correction() if control else None, kept=kept)
+            gradient_correction=control.correction() if control else None, kept=kept,
+            federation_counts=federation_counts(config))
 
     start = time.perf_counter()
     estimates = []
@@ -219,7 +224,8 @@ def personalize(msg: Message, context: Context) -> Message:
     train_local(model, images, labels, indices, preprocess,
                 run_cfg.model_copy(update={"local_epochs": epochs, "local_steps": None}),
                 rng=client_rng(run_cfg.seed, pid, int(config["server-round"]), stream=2),
-                lr=float(config["lr"]) if "lr" in config else None)
+                lr=float(config["lr"]) if "lr" in config else None,
+                federation_counts=federation_counts(config))
     metrics = evaluate_splits(model, data, partition, preprocess, run_cfg.eval_batch_size,
                               baseline=global_probs)
     arrays = None
@@ -240,6 +246,22 @@ def cross_evaluate(msg: Message, context: Context) -> Message:
     metrics = evaluate_splits(model, data, partition, preprocess, run_cfg.eval_batch_size,
                               splits=("test",))
     return _reply(msg, pid, int(metrics["test_n"]), metrics)
+
+
+@app.query("class_counts")
+@_named
+def class_counts(msg: Message, context: Context) -> Message:
+    """This client's train split's class counts (`class-counts`), for the federation's class
+    weights (loss.class_weights: federation); only the counts leave the client."""
+    _, _, _, data, partition, pid = _node_data(msg, context)
+    return _reply(msg, pid, len(data.indices(partition, "train")),
+                  {"class-counts": own_class_counts(data, partition).tolist()})
+
+
+def federation_counts(config: ConfigRecord) -> np.ndarray | None:
+    """The federation's class counts the server sent (loss.class_weights: federation)."""
+    counts = config.get(FEDERATION_COUNTS)
+    return None if counts is None else np.asarray(counts, dtype=np.int64)
 
 
 @app.query("synthesize")

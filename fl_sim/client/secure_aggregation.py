@@ -35,7 +35,7 @@ from fl_sim.adversary import SAT_OUT
 from fl_sim.arrays import to_state_dict
 from fl_sim.config import RunConfig
 from fl_sim.errors import ClientFailure
-from fl_sim.secagg import NAMES, WEIGHT_KEY
+from fl_sim.wire import NAMES, WEIGHT_KEY
 
 
 class _SatOut(Exception):

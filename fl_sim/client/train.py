@@ -100,6 +100,7 @@ def train_local(
     lr: float | None = None,
     gradient_correction: dict[str, torch.Tensor] | None = None,
     kept: KeptOptimizer | None = None,
+    federation_counts: np.ndarray | None = None,
 ) -> dict[str, float]:
     """`cfg.local_epochs` epochs (or `cfg.local_steps` steps) of the run's loss (+ FedProx
     term) from the current weights,
@@ -109,7 +110,8 @@ def train_local(
 
     A fresh optimizer each round, as in FedAvg: optimizer state is local and not federated;
     with `kept` (client_state: keep) it starts from the state the last round left, and
-    leaves its own for the next.
+    leaves its own for the next. `federation_counts`: the federation's class counts, for
+    `loss.class_weights: federation`.
     Returns the mean training loss (without the proximal term), the training accuracy of
     the batches as they were trained on, the number of steps, and where it trained
     (`device_report`).
@@ -119,7 +121,7 @@ def train_local(
     optimizer = make_optimizer(model, cfg.optimizer, lr)
     if kept is not None:
         kept.load(optimizer)
-    criterion = make_loss(cfg.loss, labels[indices])
+    criterion = make_loss(cfg.loss, labels[indices], federation_counts)
     global_params = (
         [p.detach().clone() for p in model.parameters() if p.requires_grad]
         if proximal_mu > 0 else None

@@ -23,6 +23,12 @@ from fl_sim.data_partition.cache import default_cache_dir
 from fl_sim.errors import FlSimError
 
 
+def own_class_counts(data: FederatedData, partition: int) -> np.ndarray:
+    """The class counts of a client's own train images (none generated)."""
+    return np.bincount(data.labels[data.indices(partition, "train")],
+                       minlength=len(data.classes))
+
+
 class Rows:
     """The dataset's image rows followed by `extra` ones, indexed as one array (rows >= N
     are extra): batches take both without copying the dataset."""

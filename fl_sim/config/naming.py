@@ -93,9 +93,16 @@ def recipe_parts(cfg: RunConfig) -> list[str]:
     parts = []
     loss = cfg.loss
     if loss.name != "ce" or loss.label_smoothing:
-        tag = {"ce": "ce", "weighted_ce": "wce", "focal": "focal"}[loss.name]
+        tag = {"ce": "ce", "weighted_ce": "wce", "focal": "focal",
+               "logit_adjusted": "la"}[loss.name]
+        if loss.name == "focal" and loss.weights_from:  # weighted focal: focalw, focalwfed
+            tag += "w"
+        if loss.class_weights == "federation":  # wcefed: the federation's counts
+            tag += "fed"
         if loss.gamma is not None:
             tag += f"-g{loss.gamma:g}"
+        if loss.tau is not None:
+            tag += f"-t{loss.tau:g}"
         if loss.label_smoothing:
             tag += f"-ls{loss.label_smoothing:g}"
         parts.append(tag)

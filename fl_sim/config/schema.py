@@ -194,18 +194,35 @@ BASELINES = ("pooled", "local")  # strategy names trained in one process, withou
 
 
 class LossConfig(Strict):
-    """The training loss; class weights come from the client's own train split only."""
+    """The training loss. Class weights and priors come from the client's own train split,
+    or (`class_weights: federation`) from the federation's total class counts."""
 
-    name: Literal["ce", "weighted_ce", "focal"] = Field(
-        "ce", description="weighted_ce: weights n / (classes present x n_class); focal: (1-p)^gamma CE")
+    name: Literal["ce", "weighted_ce", "focal", "logit_adjusted"] = Field(
+        "ce", description="weighted_ce: weights n / (classes present x n_class); focal: "
+                          "(1-p)^gamma CE; logit_adjusted: CE of logits + tau x log(prior), "
+                          "the client's own label prior (predictions use the plain logits)")
     gamma: float | None = Field(None, ge=0, description="focal only (default 2)")
+    tau: float | None = Field(None, gt=0, description="logit_adjusted only (default 1)")
+    class_weights: Literal["client", "federation"] | None = Field(
+        None, description="where weighted_ce's weights come from (default client), and focal's "
+                          "(default none): the client's own train counts, or the federation's "
+                          "total counts, which each client shares with the server")
     label_smoothing: float = Field(0.0, ge=0, lt=1)
 
     @model_validator(mode="after")
-    def _gamma_only_for_focal(self) -> LossConfig:
+    def _options_of_their_loss(self) -> LossConfig:
         if self.gamma is not None and self.name != "focal":
             raise ValueError(f"gamma is a focal option, not one of {self.name!r}")
+        if self.tau is not None and self.name != "logit_adjusted":
+            raise ValueError(f"tau is a logit_adjusted option, not one of {self.name!r}")
+        if self.class_weights is not None and self.name not in ("weighted_ce", "focal"):
+            raise ValueError(f"class_weights weighs weighted_ce or focal; {self.name!r} has none")
         return self
+
+    @property
+    def weights_from(self) -> str | None:
+        """Where the class weights come from: client, federation, or None (unweighted)."""
+        return self.class_weights or ("client" if self.name == "weighted_ce" else None)
 
 
 class LRScheduleConfig(Strict):

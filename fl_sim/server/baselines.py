@@ -23,15 +23,18 @@ from torch import nn
 from fl_sim.arrays import to_state_dict
 from fl_sim.client.node_state import KeptOptimizer
 from fl_sim.client.train import train_local
-from fl_sim.client.train_split import client_synthesis, synthesis_report, train_split
+from fl_sim.client.train_split import (
+    client_synthesis, own_class_counts, synthesis_report, train_split,
+)
 from fl_sim.evaluation import evaluate_splits, metrics_of
 from fl_sim.privacy.ledger import trainer_key
 from fl_sim.server.checkpoints import RunState
 from fl_sim.server.loop import FederatedRun, PhaseTimer
-from fl_sim.server.phases import CrossSiteEvaluation, Query, log_synthesis
+from fl_sim.server.phases import CrossSiteEvaluation, FederationCounts, Query, log_synthesis
 from fl_sim.server.rows import split_rows, train_row
 from fl_sim.server.run_log import RunLog
 from fl_sim.task import client_rng
+from fl_sim.wire import FEDERATION_COUNTS
 
 
 class BaselineRun(FederatedRun):
@@ -56,6 +59,9 @@ class BaselineRun(FederatedRun):
     def _synthesis(self) -> InProcessSynthesis:
         return InProcessSynthesis(self)
 
+    def _federation_counts(self) -> InProcessFederationCounts:
+        return InProcessFederationCounts(self)
+
     def _train_on(self, clients: list[int], rng_client: int, server_round: int) -> dict:
         """train_local on the train splits of `clients` (with their generated images, under
         synthesis) at the round's learning rate; its train row."""
@@ -65,9 +71,11 @@ class BaselineRun(FederatedRun):
         kept = (KeptOptimizer(self.node_states.setdefault(rng_client, RecordDict()),
                               self.cfg.model_dump_json())
                 if self.cfg.client_state == "keep" else None)
+        counts = self.config.get(FEDERATION_COUNTS)
         result = train_local(self.model, images, labels, indices, self.preprocess, self.cfg,
                              rng=client_rng(self.cfg.seed, rng_client, server_round, stream=0),
-                             lr=float(self.config["lr"]), kept=kept)
+                             lr=float(self.config["lr"]), kept=kept,
+                             federation_counts=None if counts is None else np.asarray(counts))
         result["train_time_s"] = time.perf_counter() - start
         # `n` counts the clients' own images, as a federated client's reply does.
         return train_row(result, int((indices < len(self.data.images)).sum()))
@@ -95,6 +103,17 @@ class InProcessSynthesis:
             metrics, samples = synthesis_report(made, run.data.classes)
             reports.append(({"partition-id": c, **metrics}, samples))
         return log_synthesis(reports, run_log)
+
+
+class InProcessFederationCounts(FederationCounts):
+    """The federation's class counts, counted here (as each client would count its own)."""
+
+    def __init__(self, run: BaselineRun) -> None:
+        super().__init__(run.config, run.data.classes)
+        self.run = run
+
+    def client_counts(self, query: Query) -> list[list[int]]:
+        return [own_class_counts(self.run.data, c).tolist() for c in self.run.clients]
 
 
 class PooledRun(BaselineRun):

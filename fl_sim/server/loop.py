@@ -38,11 +38,13 @@ from fl_sim.privacy.central import with_client_level_dp
 from fl_sim.privacy.ledger import PrivacyLedger, trainer_key
 from fl_sim.server.checkpoints import Checkpoints, RunState, keep_rows_up_to
 from fl_sim.server.failures import WRITE_ERRORS, RunFailed, check_finite, finite_or_null
-from fl_sim.secagg import WEIGHT_KEY
+from fl_sim.wire import WEIGHT_KEY
 from fl_sim.server.messaging import (
     exchange, payload_bytes, sample_nodes, send_and_check, wait_for_clients,
 )
-from fl_sim.server.phases import CrossSiteEvaluation, Personalization, Synthesis
+from fl_sim.server.phases import (
+    CrossSiteEvaluation, FederationCounts, Personalization, Synthesis,
+)
 from fl_sim.server.predictions import clear_predictions, save_predictions
 from fl_sim.server.rows import log_clients, log_privacy, mean_row, train_row
 from fl_sim.server.run_log import RunLog, write_json_atomic
@@ -158,6 +160,8 @@ class FederatedRun:
                             send_models=self.cfg.cross_site_eval)
             if self.cfg.personalize is not None else None)
         self.cross_site = self._cross_site() if self.cfg.cross_site_eval else None
+        self.federation_counts = (self._federation_counts()
+                                  if self.cfg.loss.weights_from == "federation" else None)
         self.secure = self._secure_aggregation() if self.cfg.secure_aggregation else None
         # Last: a forward pass, after the cheap refusals.
         check_input_size(self.model, self.preprocess.input_size, self.cfg.model.name)
@@ -197,6 +201,10 @@ class FederatedRun:
     def _cross_site(self) -> CrossSiteEvaluation:
         """The cross-site evaluation phase (after the last round), through the clients."""
         return CrossSiteEvaluation(self.config)
+
+    def _federation_counts(self) -> FederationCounts:
+        """The federation's class counts (before the first round), through the clients."""
+        return FederationCounts(self.config, self.data.classes)
 
     def _secure_aggregation(self) -> SecureAggregation:
         """SecAgg+ for each round's training; clients weight their update by the metric it
@@ -423,6 +431,8 @@ class FederatedRun:
         if self.ledger is not None and not state.privacy:
             state.privacy = self.ledger.summary(strategy)  # nothing spent yet
         query = functools.partial(self._query, grid, state=state)  # a phase's way to the clients
+        if self.federation_counts is not None:  # in the config of every round's messages
+            self.federation_counts(query)
         if state.round == 0:
             if self.synthesis is not None:
                 state.synthesis = self.synthesis(query, log)

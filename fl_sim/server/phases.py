@@ -1,8 +1,9 @@
 """The phases of a run besides its rounds, each an object the round loop calls: synthesis
-(a `query.synthesize` before round 1), then after the last round personalization
-(`query.personalize`) and cross-site evaluation (`query.cross_evaluate`). A phase reaches
-the clients through the loop's `Query`, which counts the bytes and bounds the waits as a
-round's exchanges do."""
+(a `query.synthesize` before round 1), the federation's class counts (`query.class_counts`,
+before the first round of a run or of its resumption), then after the last round
+personalization (`query.personalize`) and cross-site evaluation (`query.cross_evaluate`).
+A phase reaches the clients through the loop's `Query`, which counts the bytes and bounds
+the waits as a round's exchanges do."""
 
 from __future__ import annotations
 
@@ -13,9 +14,11 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
 from fl_sim.arrays import to_state_dict
+from fl_sim.errors import FlSimError
 from fl_sim.server.checkpoints import Checkpoints, RunState
 from fl_sim.server.rows import mean_row, split_rows
 from fl_sim.server.run_log import RunLog
+from fl_sim.wire import FEDERATION_COUNTS
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +66,38 @@ def log_synthesis(reports: list[SynthesisReport], run_log: RunLog) -> dict:
                  ", ".join(f"{n} {c}" for c, n in made["generated"].items()) or "nothing",
                  made["seconds"])
     return summary
+
+
+class FederationCounts:
+    """`loss.class_weights: federation`: before the first round (of a run, and of a resumed
+    one), every client sends its own train split's class counts; their sum travels in the
+    run's config to every client, whose loss weighs the classes by it (FLamby's pooled
+    weighting). The server sees each client's counts (docs/privacy.md)."""
+
+    def __init__(self, config: ConfigRecord, classes: list[str]) -> None:
+        self.config, self.classes = config, classes
+
+    def __call__(self, query: Query) -> list[int]:
+        total = np.sum(self.client_counts(query), axis=0, dtype=np.int64).tolist()
+        self.config[FEDERATION_COUNTS] = total
+        log.info("class weights from the federation's counts: %s",
+                 ", ".join(f"{c} {n}" for c, n in zip(self.classes, total, strict=True)))
+        return total
+
+    def client_counts(self, query: Query) -> list[list[int]]:
+        """Each client's counts, as it sent them."""
+        out = []
+        for reply in query("class_counts", RecordDict({"config": self.config}), 0):
+            metrics = reply.content["metrics"]
+            counts = metrics.get("class-counts")
+            if (not isinstance(counts, list) or len(counts) != len(self.classes)
+                    or not all(isinstance(c, int) and c >= 0 for c in counts)):
+                raise FlSimError(
+                    f"client {metrics.get('partition-id', '?')} sent no class counts of the "
+                    f"{len(self.classes)} classes ({counts!r:.80}): the federation's class "
+                    "weights would be wrong. Is its fl-sim older than the server's?")
+            out.append(counts)
+        return out
 
 
 class Personalization:

@@ -18,7 +18,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 
 from fl_sim.arrays import array_view, is_float, is_packed, layout, npy_header
-from fl_sim.secagg import NAMES
+from fl_sim.wire import NAMES
 from fl_sim.server.rows import TRAIN_METRICS
 from fl_sim.strategies.scaffold import CONTROL, DELTA
 
