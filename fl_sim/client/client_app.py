@@ -212,7 +212,8 @@ def evaluate_global(msg: Message, context: Context) -> Message:
 @_named
 def personalize(msg: Message, context: Context) -> Message:
     """The message's global model fine-tuned on this client's own train split for
-    `personalize.fine_tune_epochs` epochs, at the last round's rate; its `val_*` / `test_*`
+    `personalize.fine_tune_epochs` epochs (or `steps`), at `personalize.lr` (default: the
+    last round's rate), with `personalize.optimizer` (default: the run's); its `val_*` / `test_*`
     metrics, with the paired test against the global model on the test split (computed
     here: the split's predictions stay here). The personalized weights stay here too,
     unless the message asks for them (`send-model`: cross-site evaluation)."""
@@ -220,12 +221,14 @@ def personalize(msg: Message, context: Context) -> Message:
     global_probs, _ = split_predictions(model, data, partition, "test", preprocess,
                                         run_cfg.eval_batch_size)
     images, labels, indices = train_split(data, [partition], run_cfg, data_cfg, preprocess.device)
-    epochs = run_cfg.personalize.fine_tune_epochs
+    tune = run_cfg.personalize
+    lr = tune.lr if tune.lr is not None else float(config["lr"]) if "lr" in config else None
     train_local(model, images, labels, indices, preprocess,
-                run_cfg.model_copy(update={"local_epochs": epochs, "local_steps": None}),
+                run_cfg.model_copy(update={"local_epochs": tune.fine_tune_epochs,
+                                           "local_steps": tune.steps,
+                                           "optimizer": tune.optimizer or run_cfg.optimizer}),
                 rng=client_rng(run_cfg.seed, pid, int(config["server-round"]), stream=2),
-                lr=float(config["lr"]) if "lr" in config else None,
-                federation_counts=federation_counts(config))
+                lr=lr, federation_counts=federation_counts(config))
     metrics = evaluate_splits(model, data, partition, preprocess, run_cfg.eval_batch_size,
                               baseline=global_probs)
     arrays = None

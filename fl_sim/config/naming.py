@@ -110,8 +110,11 @@ def recipe_parts(cfg: RunConfig) -> list[str]:
         classes = cfg.synthesis.classes
         parts.append("-".join([f"{cfg.synthesis.method}{cfg.synthesis.per_class}",
                                *([] if classes == "minority" else classes)]))
-    if cfg.personalize is not None:  # e.g. pers1: fine-tuned 1 epoch at each client
-        parts.append(f"pers{cfg.personalize.fine_tune_epochs}")
+    if (tune := cfg.personalize) is not None:  # pers1: 1 epoch at each client; pers-s100-lr0.001
+        parts.append("-".join([f"pers{'' if tune.steps else tune.fine_tune_epochs}",
+                               *([f"s{tune.steps}"] if tune.steps else []),
+                               *([f"lr{tune.lr:g}"] if tune.lr is not None else []),
+                               *([tune.optimizer.name] if tune.optimizer else [])]))
     if cfg.privacy is not None:
         parts.append(privacy_tag(cfg))
     if cfg.sampler != "shuffle":

@@ -272,9 +272,24 @@ class SynthesisConfig(Strict):
 class PersonalizeConfig(Strict):
     """After the last round each client fine-tunes the final and the best global model on
     its own train split and reports the personalized model's val/test metrics (the model
-    itself stays at the client)."""
+    itself stays at the client). BatchNorm trains as in a round: its running statistics
+    move to the client's own data."""
 
     fine_tune_epochs: int = Field(1, ge=1, le=1000)
+    steps: int | None = Field(
+        None, ge=1, le=100_000, description="optimizer steps in place of fine_tune_epochs "
+                                            "(FLamby: 100)")
+    lr: float | None = Field(
+        None, gt=0, description="the fine-tuning rate (default: the last round's, which a "
+                                "cosine schedule has brought near zero)")
+    optimizer: OptimizerConfig | None = Field(
+        None, description="the fine-tuning optimizer (default: the run's)")
+
+    @model_validator(mode="after")
+    def _steps_or_epochs(self) -> PersonalizeConfig:
+        if self.steps is not None and self.fine_tune_epochs != 1:
+            raise ValueError("personalize.steps replaces fine_tune_epochs: leave it at 1")
+        return self
 
 
 class AdaptiveClippingConfig(Strict):

@@ -155,7 +155,7 @@ class FederatedRun:
         self.checkpoints = Checkpoints(run_dir, self.resolved, run.name, self.data.classes)
         self.synthesis = self._synthesis() if self.cfg.synthesis is not None else None
         self.personalization = (
-            Personalization(self.cfg.personalize.fine_tune_epochs, self.config,
+            Personalization(self.cfg.personalize, self.config,
                             self.checkpoints, self._arrays_of,
                             send_models=self.cfg.cross_site_eval)
             if self.cfg.personalize is not None else None)

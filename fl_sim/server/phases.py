@@ -14,6 +14,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
 from fl_sim.arrays import to_state_dict
+from fl_sim.config import PersonalizeConfig
 from fl_sim.errors import FlSimError
 from fl_sim.server.checkpoints import Checkpoints, RunState
 from fl_sim.server.rows import mean_row, split_rows
@@ -107,9 +108,10 @@ class Personalization:
     round, and summary.json's `personalized`. With `send_models` (cross-site evaluation)
     the clients send their personalized best models back."""
 
-    def __init__(self, fine_tune_epochs: int, config: ConfigRecord, checkpoints: Checkpoints,
-                 arrays_of: Callable[[dict], ArrayRecord], send_models: bool = False) -> None:
-        self.epochs, self.config, self.send_models = fine_tune_epochs, config, send_models
+    def __init__(self, settings: PersonalizeConfig, config: ConfigRecord,
+                 checkpoints: Checkpoints, arrays_of: Callable[[dict], ArrayRecord],
+                 send_models: bool = False) -> None:
+        self.settings, self.config, self.send_models = settings, config, send_models
         # The best model, when it is not the final one, from best.pt's whole model.
         self.checkpoints, self.arrays_of = checkpoints, arrays_of
 
@@ -117,13 +119,17 @@ class Personalization:
                  run_log: RunLog) -> tuple[dict, dict[str, ArrayRecord]]:
         """summary.json's `personalized`, and (`send_models`) the personalized best models
         by name (`personalized_<client>`)."""
-        log.info("personalize: every client fine-tunes the final and the best model for %d "
-                 "epoch(s) on its own train split", self.epochs)
+        tune = self.settings
+        log.info("personalize: every client fine-tunes the final and the best model for %s "
+                 "on its own train split", f"{tune.steps} steps" if tune.steps
+                 else f"{tune.fine_tune_epochs} epoch(s)")
         models = {"final": (state.round, final)}
         if state.best_round != state.round:
             best = self.checkpoints.load_best()
             models["best"] = (state.best_round, self.arrays_of(best["state_dict"]))
-        report: dict[str, Any] = {"fine_tune_epochs": self.epochs}
+        report: dict[str, Any] = {"fine_tune_epochs": tune.fine_tune_epochs,
+                                  **({"steps": tune.steps} if tune.steps else {}),
+                                  **({"lr": tune.lr} if tune.lr is not None else {})}
         personalized: dict[str, ArrayRecord] = {}
         for which, (server_round, arrays) in models.items():
             send = self.send_models and server_round == state.best_round
