@@ -12,7 +12,6 @@ import functools
 import time
 from collections import OrderedDict
 
-import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -22,6 +21,7 @@ from fl_sim.adversary import (
 from fl_sim.arrays import is_packed, pack, to_state_dict
 from fl_sim.client import fedbn, scaffold
 from fl_sim.client.node_state import KeptOptimizer
+from fl_sim.client.recipe import federation_counts
 from fl_sim.client.secure_aggregation import secure_aggregation_mod
 from fl_sim.client.train import optimizer_kwargs, train_local
 from fl_sim.client.train_split import (
@@ -34,7 +34,6 @@ from fl_sim.evaluation import evaluate_splits, split_predictions
 from fl_sim.models.finetune import load_weights, travelling_state
 from fl_sim.privacy.central import NORM_BIT, clip_update, wants_clipping
 from fl_sim.task import client_rng, device, load_data, load_model, model_frozen_digest
-from fl_sim.wire import FEDERATION_COUNTS
 
 app = ClientApp()
 
@@ -259,12 +258,6 @@ def class_counts(msg: Message, context: Context) -> Message:
     _, _, _, data, partition, pid = _node_data(msg, context)
     return _reply(msg, pid, len(data.indices(partition, "train")),
                   {"class-counts": own_class_counts(data, partition).tolist()})
-
-
-def federation_counts(config: ConfigRecord) -> np.ndarray | None:
-    """The federation's class counts the server sent (loss.class_weights: federation)."""
-    counts = config.get(FEDERATION_COUNTS)
-    return None if counts is None else np.asarray(counts, dtype=np.int64)
 
 
 @app.query("synthesize")

@@ -7,13 +7,15 @@ come from the federation's total class counts (each client's counts, summed by t
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Mapping
+from typing import Any, Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from fl_sim.config import LossConfig
+from fl_sim.wire import FEDERATION_COUNTS
 
 FOCAL_GAMMA = 2.0
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -40,6 +42,13 @@ def log_prior(counts: np.ndarray) -> np.ndarray:
     """log of the split's label frequencies, a missing class at PRIOR_FLOOR."""
     counts = np.asarray(counts, dtype=np.float64)
     return np.log(np.maximum(counts / counts.sum(), PRIOR_FLOOR))
+
+
+def federation_counts(config: Mapping[str, Any]) -> np.ndarray | None:
+    """The federation's class counts the server sent in the run's config, if it did
+    (loss.class_weights: federation)."""
+    counts = config.get(FEDERATION_COUNTS)
+    return None if counts is None else np.asarray(counts, dtype=np.int64)
 
 
 def make_loss(cfg: LossConfig, train_labels: np.ndarray,

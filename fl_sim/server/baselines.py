@@ -22,6 +22,7 @@ from torch import nn
 
 from fl_sim.arrays import to_state_dict
 from fl_sim.client.node_state import KeptOptimizer
+from fl_sim.client.recipe import federation_counts
 from fl_sim.client.train import train_local
 from fl_sim.client.train_split import (
     client_synthesis, own_class_counts, synthesis_report, train_split,
@@ -34,7 +35,6 @@ from fl_sim.server.phases import CrossSiteEvaluation, FederationCounts, Query, l
 from fl_sim.server.rows import split_rows, train_row
 from fl_sim.server.run_log import RunLog
 from fl_sim.task import client_rng
-from fl_sim.wire import FEDERATION_COUNTS
 
 
 class BaselineRun(FederatedRun):
@@ -71,11 +71,10 @@ class BaselineRun(FederatedRun):
         kept = (KeptOptimizer(self.node_states.setdefault(rng_client, RecordDict()),
                               self.cfg.model_dump_json())
                 if self.cfg.client_state == "keep" else None)
-        counts = self.config.get(FEDERATION_COUNTS)
         result = train_local(self.model, images, labels, indices, self.preprocess, self.cfg,
                              rng=client_rng(self.cfg.seed, rng_client, server_round, stream=0),
                              lr=float(self.config["lr"]), kept=kept,
-                             federation_counts=None if counts is None else np.asarray(counts))
+                             federation_counts=federation_counts(self.config))
         result["train_time_s"] = time.perf_counter() - start
         # `n` counts the clients' own images, as a federated client's reply does.
         return train_row(result, int((indices < len(self.data.images)).sum()))

@@ -38,7 +38,6 @@ from fl_sim.privacy.central import with_client_level_dp
 from fl_sim.privacy.ledger import PrivacyLedger, trainer_key
 from fl_sim.server.checkpoints import Checkpoints, RunState, keep_rows_up_to
 from fl_sim.server.failures import WRITE_ERRORS, RunFailed, check_finite, finite_or_null
-from fl_sim.wire import WEIGHT_KEY
 from fl_sim.server.messaging import (
     exchange, payload_bytes, sample_nodes, send_and_check, wait_for_clients,
 )
@@ -54,6 +53,7 @@ from fl_sim.strategies import build_strategy
 from fl_sim.strategies.registry import sample_size
 from fl_sim.task import build_model, check_input_size, load_data
 from fl_sim.tracking import open_mirror
+from fl_sim.wire import WEIGHT_KEY
 
 
 logger = logging.getLogger(__name__)  # (`log` is a RunLog throughout)
@@ -297,8 +297,8 @@ class FederatedRun:
 
     def _learn_clients(self, replies: list[Message]) -> None:
         """Which partition each replying node holds, to name a failed one later."""
-        self.client_of_node.update({m.metadata.src_node_id: int(m.content["metrics"]["partition-id"])
-                                    for m in replies})
+        self.client_of_node.update({
+            m.metadata.src_node_id: int(m.content["metrics"]["partition-id"]) for m in replies})
 
     def _query(self, grid: Grid, action: str, content: RecordDict, server_round: int,
                state: RunState) -> list[Message]:

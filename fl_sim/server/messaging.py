@@ -81,6 +81,11 @@ def exchange(grid: Grid, messages: list[Message], timeout: float) -> list[Messag
     return replies
 
 
+def node_name(node: int, names: dict[int, int]) -> str:
+    """`client 7 (node ...)` where the node's partition id is known (`names`), else `node ...`."""
+    return f"client {names[node]} (node {node})" if node in names else f"node {node}"
+
+
 def send_and_check(grid: Grid, messages: list[Message], kind: str, server_round: int,
                    timeout: float, min_replies: int,
                    client_of_node: dict[int, int] | None = None) -> list[Message]:
@@ -100,7 +105,7 @@ def send_and_check(grid: Grid, messages: list[Message], kind: str, server_round:
     def culprit(reply: Message) -> str:
         to = sent.get(reply.metadata.reply_to_message_id)
         node = to.metadata.dst_node_id if to else reply.metadata.src_node_id
-        return f"client {names[node]} (node {node})" if node in names else f"node {node}"
+        return node_name(node, names)
 
     ok, reasons, sat_out = [], [], []
     for reply in replies:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import flwr.compat.common.recorddict_compat as compat
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
-from flwr.common import FitIns, Parameters, parameters_to_ndarrays
+from flwr.common import FitIns, parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.server.compat.legacy_context import LegacyContext
 from flwr.server.workflow import SecAggPlusWorkflow
@@ -39,7 +39,8 @@ from fl_sim.adversary import SAT_OUT
 from fl_sim.arrays import layout, to_state_dict
 from fl_sim.config import SecureAggregationConfig
 from fl_sim.errors import FlSimError
-from fl_sim.server.vetting import masked_refusal, reply_layout
+from fl_sim.server.messaging import node_name
+from fl_sim.server.vetting import masked_layout, masked_refusal, reply_layout
 
 log = logging.getLogger(__name__)
 
@@ -186,9 +187,7 @@ class SecureAggregation:
         arrays as sent (clients mask none)."""
         state = to_state_dict(sent)
         expected = reply_layout(layout(sent))
-        masked = [k for k, (dtype, _) in expected.items()
-                  if np.issubdtype(np.dtype(dtype), np.floating)]
-        update = dict(zip(masked, mean_update, strict=True))
+        update = dict(zip(masked_layout(sent), mean_update, strict=True))
         out = OrderedDict()
         for (name, (dtype, _)), sent_name in zip(expected.items(), state, strict=True):
             base = state[sent_name].numpy()
@@ -211,11 +210,8 @@ class SecureAggregation:
 
     @staticmethod
     def _missing(grid: _StageGrid, names: dict[int, int]) -> str:
-        def who(node: int) -> str:
-            return f"client {names[node]} (node {node})" if node in names else f"node {node}"
-
-        return "Missing: " + ("; ".join(f"{who(n)}: {why}" for n, why in grid.reasons.items())
-                              or "none")
+        return "Missing: " + ("; ".join(f"{node_name(n, names)}: {why}"
+                                        for n, why in grid.reasons.items()) or "none")
 
     @staticmethod
     def _log_missing(grid: _StageGrid, server_round: int, names: dict[int, int]) -> None:
@@ -225,6 +221,5 @@ class SecureAggregation:
                      "others' shares removed their masks", server_round, len(sat_out))
         for node, why in grid.reasons.items():
             if why != SAT_OUT_REASON:
-                name = f"client {names[node]} (node {node})" if node in names else f"node {node}"
                 log.warning("round %d (secure aggregation): continuing without %s: %s",
-                            server_round, name, why)
+                            server_round, node_name(node, names), why)

@@ -90,6 +90,13 @@ def reply_layout(sent: Layout) -> Layout:
             for k, kind in sent.items()}
 
 
+def masked_layout(sent: ArrayRecord) -> dict[str, tuple[int, ...]]:
+    """The arrays a SecAgg+ client masks in answer to `sent`, in order, by shape: its
+    update's floating-point ones (integer counters are not sent)."""
+    return {k: shape for k, (dtype, shape) in reply_layout(layout(sent)).items()
+            if np.issubdtype(np.dtype(dtype), np.floating)}
+
+
 def masked_refusal(reply: Message, sent: Message, weight_key: str,
                    max_weight: float) -> str | None:
     """Why a SecAgg+ client's masked update (its reply to the collect stage) is refused: its
@@ -98,8 +105,7 @@ def masked_refusal(reply: Message, sent: Message, weight_key: str,
     max_weight (a larger one would be clipped, and skew the mean)."""
     if why := refusal(reply, sent, "masked"):
         return why
-    expected = {k: shape for k, (dtype, shape) in reply_layout(layout(sent.content["arrays"])).items()
-                if np.issubdtype(np.dtype(dtype), np.floating)}
+    expected = masked_layout(sent.content["arrays"])
     names = reply.content.config_records.get(NAMES, {}).get("names")
     if names != list(expected):
         return (f"its masked update names {len(names or [])} arrays, not the model's "
