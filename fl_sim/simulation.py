@@ -251,12 +251,12 @@ class StudyProgress:
         self.eta.start_run()
 
         def on_round(r: RoundReport) -> None:
-            g, metric = r.global_test, run.config.selection_metric
+            metric = run.config.selection_metric
             best = r.best_round if r.best_round > 0 else "none yet"  # (eval_every)
             self.console.print(
-                f"  round {r.server_round}/{r.rounds}  {r.seconds:5.1f} s  global test "
-                f"acc {g['acc']:.3f} bacc {g['bacc']:.3f} avg {g['avg']:.3f} | val {metric} "
-                f"{r.federated_val[metric]:.3f} (best round {best})  {self.eta.add(r)}",
+                f"  round {r.server_round}/{r.rounds}  {r.seconds:5.1f} s  {r.global_text()} "
+                f"| val {metric} {r.federated_val[metric]:.3f} (best round {best})  "
+                f"{self.eta.add(r)}",
                 highlight=False, soft_wrap=True)
 
         try:

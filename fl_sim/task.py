@@ -15,12 +15,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from fl_sim.config import DataConfig, RunConfig
+from fl_sim.config import PRIVATE_HEAD, DataConfig, RunConfig
 from fl_sim.data_partition import FederatedData, prepare_data
 from fl_sim.errors import FlSimError
 from fl_sim.models import create_model, normalization
 from fl_sim.models.clip import create_clip_model
-from fl_sim.models.finetune import freeze, frozen_digest
+from fl_sim.models.finetune import freeze, frozen_digest, head_keys, keep_private
 from fl_sim.privacy.dpsgd import prepare_for_dpsgd
 from fl_sim.transforms import BatchPreprocessor
 
@@ -44,6 +44,11 @@ def build_model(cfg: RunConfig, class_names: Sequence[str],
     if cfg.privacy and cfg.privacy.sample_level:
         model = prepare_for_dpsgd(model, cfg.model.input_size or image_size)  # in every process
     freeze(model, cfg.finetune.trainable)  # the frozen part stays as built, in every process
+    if cfg.strategy.name in PRIVATE_HEAD:  # FedPer / FedRep: each client's head is its own
+        if not head_keys(model):
+            raise FlSimError(f"strategy {cfg.strategy.name} keeps each client's classifier "
+                             f"head, and {cfg.model.name} has none")
+        keep_private(model, head_keys(model))
     model = model.to(device()).to(memory_format=torch.channels_last)
     input_size = cfg.model.input_size or image_size
     return model, BatchPreprocessor(input_size, normalization(cfg.model), device())

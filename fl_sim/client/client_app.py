@@ -21,13 +21,14 @@ from fl_sim.adversary import (
 from fl_sim.arrays import is_packed, pack, to_state_dict
 from fl_sim.client import fedbn, scaffold
 from fl_sim.client.node_state import KeptOptimizer
+from fl_sim.client.personal import load_own_part, personal_model, train_personalized
 from fl_sim.client.recipe import federation_counts
 from fl_sim.client.secure_aggregation import secure_aggregation_mod
 from fl_sim.client.train import optimizer_kwargs, train_local
 from fl_sim.client.train_split import (
     client_synthesis, own_class_counts, synthesis_report, train_split,
 )
-from fl_sim.config import DataConfig, GlobalTestConfig, PartitionConfig, RunConfig
+from fl_sim.config import PERSONALIZED, DataConfig, GlobalTestConfig, PartitionConfig, RunConfig
 from fl_sim.data_partition import FederatedData
 from fl_sim.errors import ClientFailure, FlSimError
 from fl_sim.evaluation import evaluate_splits, split_predictions
@@ -119,6 +120,7 @@ def _setup(msg: Message, context: Context, own_layers: bool = True):
     load_weights(model, scaffold.split(to_state_dict(msg.content["arrays"]))[0])
     if run_cfg.strategy.name == "fedbn" and own_layers:
         fedbn.load_own(model, context.state, run_json)
+    load_own_part(model, context.state, run_cfg, run_json)  # FedPer / FedRep: its own head
     return config, run_cfg, data_cfg, data, model, preprocess, partition, pid
 
 
@@ -155,16 +157,16 @@ def train(msg: Message, context: Context) -> Message:
         control = scaffold.ClientControl(model, server_control, context.state,
                                          str(config["run-config"]))
 
-    kept = (KeptOptimizer(context.state, str(config["run-config"]))
-            if run_cfg.client_state == "keep" else None)
+    run_json = str(config["run-config"])
+    kept = KeptOptimizer(context.state, run_json) if run_cfg.client_state == "keep" else None
 
-    def fit(rows):
+    def fit(rows, net=model, cfg=run_cfg, stream=0, **options):
+        options = {"proximal_mu": float(config.get("proximal-mu", 0.0)), **options}
         return train_local(
-            model, images, labels, rows, preprocess, run_cfg,
-            rng=client_rng(run_cfg.seed, pid, server_round, stream=0),
-            proximal_mu=float(config.get("proximal-mu", 0.0)), lr=lr,
+            net, images, labels, rows, preprocess, cfg,
+            rng=client_rng(run_cfg.seed, pid, server_round, stream=stream), lr=lr,
             gradient_correction=control.correction() if control else None, kept=kept,
-            federation_counts=federation_counts(config))
+            federation_counts=federation_counts(config), **options)
 
     start = time.perf_counter()
     estimates = []
@@ -174,11 +176,14 @@ def train(msg: Message, context: Context) -> Message:
             model.load_state_dict(initial)
             result = fit(shard)
             estimates.append(copy.deepcopy(travelling_state(model)))
+    elif run_cfg.strategy.name in PERSONALIZED:
+        result = train_personalized(model, functools.partial(fit, indices), context.state,
+                                    run_cfg, run_json)
     else:
         result = fit(indices)
     result["train_time_s"] = time.perf_counter() - start
     if run_cfg.strategy.name == "fedbn":
-        fedbn.keep_own(model, context.state, str(config["run-config"]))
+        fedbn.keep_own(model, context.state, run_json)
     trained = travelling_state(model)  # the trainable part only, under finetune
     sent = scaffold.split(to_state_dict(msg.content["arrays"]))[0]
     if wants_clipping(config):  # client-level DP, clipped here (privacy.client_level.clipping)
@@ -201,9 +206,18 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 @_named
 def evaluate_global(msg: Message, context: Context) -> Message:
-    """The global model on this client's val and test splits (keys `val_*`, `test_*`)."""
-    _, run_cfg, _, data, model, preprocess, partition, pid = _setup(msg, context)
+    """The global model on this client's val and test splits (keys `val_*`, `test_*`; under
+    FedPer/FedRep with the client's own head); Ditto's personal model beside it
+    (`personal_val_*`, `personal_test_*`, with the paired test against the global model)."""
+    config, run_cfg, _, data, model, preprocess, partition, pid = _setup(msg, context)
     metrics = evaluate_splits(model, data, partition, preprocess, run_cfg.eval_batch_size)
+    if run_cfg.strategy.name == "ditto":
+        global_probs, _ = split_predictions(model, data, partition, "test", preprocess,
+                                            run_cfg.eval_batch_size)
+        personal = personal_model(model, context.state, str(config["run-config"]))
+        metrics.update({f"personal_{k}": v for k, v in evaluate_splits(
+            personal, data, partition, preprocess, run_cfg.eval_batch_size,
+            baseline=global_probs).items()})
     return _reply(msg, pid, int(metrics["val_n"]), metrics)
 
 

@@ -11,12 +11,10 @@ the global model's.
 
 from __future__ import annotations
 
-
-from flwr.app import ArrayRecord, RecordDict
+from flwr.app import RecordDict
 from torch import nn
 
-from fl_sim.arrays import to_state_dict
-from fl_sim.client.node_state import state_key
+from fl_sim.client import node_state
 
 GLOBAL_BATCHNORM = "the mean of the clients' BatchNorm statistics (FedBN: each client uses its own)"
 
@@ -30,12 +28,9 @@ def batchnorm_keys(model: nn.Module) -> list[str]:
 
 def load_own(model: nn.Module, state: RecordDict, run_json: str) -> None:
     """This client's BatchNorm layers into `model` (after the global weights), if it has any."""
-    key = state_key("fedbn", run_json)
-    if key in state:
-        model.load_state_dict(to_state_dict(state[key]), strict=False)
+    node_state.load_own(model, state, "fedbn", run_json)
 
 
 def keep_own(model: nn.Module, state: RecordDict, run_json: str) -> None:
     """This client's BatchNorm layers after training, for its next messages."""
-    own = model.state_dict()
-    state[state_key("fedbn", run_json)] = ArrayRecord({k: own[k] for k in batchnorm_keys(model)})
+    node_state.keep_own(model, state, "fedbn", run_json, batchnorm_keys(model))

@@ -101,10 +101,13 @@ def train_local(
     gradient_correction: dict[str, torch.Tensor] | None = None,
     kept: KeptOptimizer | None = None,
     federation_counts: np.ndarray | None = None,
+    anchor: list[torch.Tensor] | None = None,
 ) -> dict[str, float]:
-    """`cfg.local_epochs` epochs (or `cfg.local_steps` steps) of the run's loss (+ FedProx
-    term) from the current weights,
-    at learning rate `lr` (the schedule's for this round; None: the optimizer's).
+    """`cfg.local_epochs` epochs (or `cfg.local_steps` steps) of the run's loss from the
+    current weights, at learning rate `lr` (the schedule's for this round; None: the
+    optimizer's), plus the proximal term (mu/2)·‖w − anchor‖² where `proximal_mu` > 0:
+    FedProx's, toward the weights it starts from, or Ditto's, toward `anchor` (the trainable
+    parameters of the round's global model).
     `gradient_correction` (SCAFFOLD's c - c_i, by parameter name) is added to each gradient.
     Under `privacy.sample_level` the steps are DP-SGD's (fl_sim.privacy.dpsgd).
 
@@ -122,10 +125,8 @@ def train_local(
     if kept is not None:
         kept.load(optimizer)
     criterion = make_loss(cfg.loss, labels[indices], federation_counts)
-    global_params = (
-        [p.detach().clone() for p in model.parameters() if p.requires_grad]
-        if proximal_mu > 0 else None
-    )
+    global_params = None if proximal_mu == 0 else anchor or [
+        p.detach().clone() for p in model.parameters() if p.requires_grad]
     corrected = [(n, p) for n, p in model.named_parameters()
                  if gradient_correction and n in gradient_correction]
     generator = torch.Generator().manual_seed(int(rng.integers(2**31)))

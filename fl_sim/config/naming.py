@@ -19,12 +19,24 @@ def proximal_mu(strategy: StrategyConfig) -> float:
     return 0.01 if strategy.proximal_mu is None else strategy.proximal_mu
 
 
+def ditto_lambda(strategy: StrategyConfig) -> float:
+    return 0.1 if strategy.ditto_lambda is None else strategy.ditto_lambda
+
+
+def head_epochs(strategy: StrategyConfig) -> int:
+    return 1 if strategy.head_epochs is None else strategy.head_epochs
+
+
 def strategy_label(strategy: StrategyConfig) -> str:
-    """e.g. `fedavg`, `fedprox-mu0.01`, `fedavg-uniform`, `fedavg-frac0.1` (a sample of the
-    clients trains each round), `pooled`."""
+    """e.g. `fedavg`, `fedprox-mu0.01`, `ditto-lam0.1`, `fedrep-head1`, `fedavg-uniform`,
+    `fedavg-frac0.1` (a sample of the clients trains each round), `pooled`."""
     label = strategy.name
     if strategy.name == "fedprox":
         label += f"-mu{proximal_mu(strategy):g}"
+    if strategy.name == "ditto":
+        label += f"-lam{ditto_lambda(strategy):g}"
+    if strategy.name == "fedrep":
+        label += f"-head{head_epochs(strategy)}"
     if strategy.fraction_train < 1:
         label += f"-frac{strategy.fraction_train:g}"
     if strategy.fraction_evaluate < 1:

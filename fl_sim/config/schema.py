@@ -162,12 +162,19 @@ class StrategyConfig(Strict):
     name: Literal[
         "fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedavgm",
         "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan", "qfedavg", "fedbn",
-        "scaffold", "pooled", "local",
-    ] = Field("fedavg", description="pooled / local: the baselines, trained without Flower")
+        "scaffold", "fedper", "fedrep", "ditto", "pooled", "local",
+    ] = Field("fedavg", description="pooled / local: the baselines, trained without "
+                                    "Flower; fedper / fedrep / ditto: personalized")
     weighting: Literal["examples", "uniform"] = Field(
         "examples", description="examples: weight by num-examples; uniform: the paper's eq. (3)"
     )
     proximal_mu: float | None = Field(None, ge=0, description="fedprox (default 0.01)")
+    ditto_lambda: float | None = Field(
+        None, ge=0, description="ditto: how hard each personal model is pulled toward the "
+                                "global one, λ/2·‖v − w‖² (default 0.1)")
+    head_epochs: int | None = Field(
+        None, ge=1, le=1000, description="fedrep: epochs of the private head alone before "
+                                         "each round's body training (default 1)")
     fraction_train: float = Field(
         1.0, gt=0, le=1, description="clients sampled to train each round (seeded by seed "
                                      "and round; at least one)")
@@ -180,8 +187,10 @@ class StrategyConfig(Strict):
 
     @model_validator(mode="after")
     def _mu_only_for_fedprox(self) -> StrategyConfig:
-        if self.proximal_mu is not None and self.name != "fedprox":
-            raise ValueError(f"proximal_mu is a fedprox parameter, not one of {self.name!r}")
+        for key, owner in (("proximal_mu", "fedprox"), ("ditto_lambda", "ditto"),
+                           ("head_epochs", "fedrep")):
+            if getattr(self, key) is not None and self.name != owner:
+                raise ValueError(f"{key} is a {owner} parameter, not one of {self.name!r}")
         if self.params and self.name in BASELINES:
             raise ValueError(f"params are Flower strategy arguments; {self.name!r} takes none")
         if (self.fraction_train, self.fraction_evaluate) != (1, 1) and self.name in BASELINES:
@@ -191,6 +200,8 @@ class StrategyConfig(Strict):
 
 
 BASELINES = ("pooled", "local")  # strategy names trained in one process, without Flower
+PRIVATE_HEAD = ("fedper", "fedrep")  # each client's classifier head never leaves it
+PERSONALIZED = (*PRIVATE_HEAD, "ditto")  # each client trains a model of its own
 
 
 class LossConfig(Strict):
@@ -598,6 +609,32 @@ class RunConfig(Strict):
         if self.personalize is not None and self.strategy.name in BASELINES:
             raise ValueError(f"personalize fine-tunes a federated model at each client; "
                              f"{self.strategy.name!r} has no global model to personalize")
+        return self
+
+    @model_validator(mode="after")
+    def _personal_models_fit_the_run(self) -> RunConfig:
+        strategy = self.strategy.name
+        if strategy not in PERSONALIZED:
+            return self
+        refused = {
+            # FedRep trains head and body by turns, Ditto two models: one optimizer state
+            # per client would serve neither.
+            "client_state: keep": self.client_state == "keep",
+            "cross_site_eval": self.cross_site_eval,  # each client's model needs its own head
+            "finetune.trainable: head": self.finetune.trainable == "head" and
+            strategy in PRIVATE_HEAD,  # nothing would be shared
+            # Ditto's personal model is its personalization; a fine-tuned copy would be a
+            # second one in the same rows.
+            "personalize": self.personalize is not None and strategy == "ditto",
+            "training: clip": self.training == "clip",
+            "adversary": self.adversary is not None,
+            # The ledger counts one model's training per client a round.
+            "privacy": self.privacy is not None,
+        }
+        clash = [what for what, hit in refused.items() if hit]
+        if clash:
+            raise ValueError(f"strategy {strategy} does not combine with {clash[0]} "
+                             "(docs/personalization.md)")
         return self
 
     @model_validator(mode="after")

@@ -12,14 +12,18 @@ process builds identically (the run's pretrained file, or its seeded init), so m
 carry only the travelling tensors: the trainable parameters and the buffers of the modules
 they belong to (e.g. a trainable BatchNorm's running statistics). `frozen_digest` lets a
 client check that its frozen tensors are the server's.
+
+A model may also hold private tensors (`keep_private`: FedPer's and FedRep's classifier
+head), which train but never travel: each client keeps its own.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Collection, Iterator, Mapping
 
 import torch
 from timm.models import group_parameters
@@ -54,6 +58,40 @@ def classifier_names(model: nn.Module) -> list[str]:
         return []
     prefix = next(name for name, m in model.named_modules() if m is classifier)
     return [f"{prefix}.{n}" if prefix else n for n, _ in classifier.named_parameters()]
+
+
+def head_keys(model: nn.Module) -> list[str]:
+    """The state_dict keys of the classifier head: its parameters and its modules' buffers."""
+    params = set(classifier_names(model))
+    keys = set(params)
+    for name, module in model.named_modules():
+        own = {f"{name}.{p}" if name else p for p, _ in module.named_parameters(recurse=False)}
+        if own & params:
+            keys.update(f"{name}.{b}" if name else b for b in module._buffers)
+    return [k for k in model.state_dict() if k in keys]
+
+
+def keep_private(model: nn.Module, keys: Collection[str]) -> None:
+    """`keys` train but never travel (they leave travelling_keys); their values as built stay
+    in `model.private_initial`, where a client with none of its own yet starts."""
+    model.private_keys = frozenset(keys)
+    model.private_initial = OrderedDict((k, v.detach().clone())
+                                        for k, v in model.state_dict().items() if k in keys)
+
+
+@contextlib.contextmanager
+def training_only(model: nn.Module, names: Collection[str]) -> Iterator[None]:
+    """Of the trainable parameters, only `names` train inside (FedRep's head or body turn);
+    the rest are frozen as partial fine-tuning freezes (no gradient, modules in eval)."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    keep = set(names)
+    for name, param in model.named_parameters():
+        param.requires_grad_(param.requires_grad and name in keep)
+    try:
+        yield
+    finally:
+        for param in trainable:
+            param.requires_grad_(True)
 
 
 def trainable_names(model: nn.Module, trainable: float | str) -> list[str]:
@@ -108,8 +146,10 @@ def train_mode(model: nn.Module) -> nn.Module:
 
 def travelling_keys(model: nn.Module) -> list[str]:
     """state_dict keys that messages carry: all of them for a fully trainable model, else the
-    trainable parameters and the buffers of the modules that own them."""
-    keys = list(model.state_dict())
+    trainable parameters and the buffers of the modules that own them; never the private
+    ones."""
+    private = getattr(model, "private_keys", frozenset())
+    keys = [k for k in model.state_dict() if k not in private]
     if not is_partial(model):
         return keys
     travel = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -127,7 +167,8 @@ def travelling_state(model: nn.Module) -> OrderedDict[str, torch.Tensor]:
 
 def load_weights(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
     """Load a whole state_dict, or a message's travelling tensors (the frozen rest stays as
-    built); anything else means the sender trains another part of the model."""
+    built, the private part as it is); anything else means the sender trains another part
+    of the model."""
     keys, travel = set(state), set(travelling_keys(model))
     if keys != travel and keys != set(model.state_dict()):
         extra, missing = sorted(keys - travel), sorted(travel - keys)
@@ -135,7 +176,7 @@ def load_weights(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
             f"the message's tensors are not this model's trainable part: {len(extra)} "
             f"unexpected (e.g. {extra[:3]}), {len(missing)} missing (e.g. {missing[:3]}). "
             "Server and client must run the same model and finetune setting.")
-    model.load_state_dict(state, strict=keys != travel or not is_partial(model))
+    model.load_state_dict(state, strict=keys == set(model.state_dict()))
 
 
 def frozen_digest(model: nn.Module) -> str:

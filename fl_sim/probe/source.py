@@ -15,7 +15,7 @@ from flwr.app import ArrayRecord
 from pydantic import ValidationError
 
 from fl_sim.client.fedbn import GLOBAL_BATCHNORM
-from fl_sim.config import DataConfig, RunConfig, format_validation_error
+from fl_sim.config import PRIVATE_HEAD, DataConfig, RunConfig, format_validation_error
 from fl_sim.data_partition import FederatedData, prepare_data
 from fl_sim.data_partition.federated import MANIFEST_COLUMNS
 from fl_sim.errors import FlSimError
@@ -74,6 +74,9 @@ def load_run(run_dir: Path, checkpoint: str = "best", data_root: Path | None = N
     if checkpoint not in CHECKPOINTS:
         raise FlSimError(f"--checkpoint {checkpoint!r}: use best or last.")
     data_cfg, cfg = _read_config(run_dir / "config.yaml", data_root)
+    if cfg.strategy.name in PRIVATE_HEAD:
+        raise FlSimError(f"{run_dir} is a {cfg.strategy.name} run: each client's head never "
+                         "left it, so the server holds no model to probe.")
     path = run_dir / "checkpoints" / f"{checkpoint}.pt"
     if not path.is_file():
         raise FlSimError(f"{path} not found: the run saved no {checkpoint} checkpoint yet (it "

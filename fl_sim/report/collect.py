@@ -21,7 +21,9 @@ import pandas as pd
 import yaml
 from pydantic import ValidationError
 
-from fl_sim.config import RunConfig, flatten, format_validation_error, recipe_label, run_labels
+from fl_sim.config import (
+    PRIVATE_HEAD, RunConfig, flatten, format_validation_error, recipe_label, run_labels,
+)
 from fl_sim.errors import FlSimError
 from fl_sim.metrics import HEADLINE
 from fl_sim.server.run_log import read_metrics
@@ -137,7 +139,8 @@ def _load_run(run_dir: Path) -> tuple[dict[str, Any], pd.DataFrame, dict[str, An
     if rows.duplicated(key).any():
         raise _Skip("metrics.jsonl holds some rows twice: the run was written twice into "
                     "one folder; run it again")
-    if not ((rows["round"] == best_round) & (rows["scope"] == "global")).any():
+    if (cfg.strategy.name not in PRIVATE_HEAD  # FedPer / FedRep: no global model to test
+            and not ((rows["round"] == best_round) & (rows["scope"] == "global")).any()):
         raise _Skip(f"metrics.jsonl has no global test row at the best round {best_round}")
     run = {"run": run_dir.name, **run_labels(cfg), "strategy_name": cfg.strategy.name,
            "seed": cfg.seed, "best_round": best_round,

@@ -237,6 +237,8 @@ def winners_section(study: Study, table: pd.DataFrame, boot: Bootstrap) -> list[
     """Per metric the best configuration against the runner-up, by their paired test where
     both have predictions (Holm over the metrics), else by the seed spread."""
     found = winners(contenders(study, table))
+    if not found:
+        return []
     tests = holm_adjusted([
         None if w.runner_up is None else boot.difference(
             configuration(w.best), configuration(w.runner_up), w.metric, w.gap)

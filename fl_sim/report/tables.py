@@ -60,7 +60,9 @@ class Winner:
 def winners(table: pd.DataFrame) -> list[Winner]:
     """Per metric: the highest mean on the global test set, and the next one."""
     glob = table[table["test_set"] == "global"]
-    out = []
+    out: list[Winner] = []
+    if glob.empty:  # only runs without a global model (FedPer / FedRep)
+        return out
     for metric in (*METRICS, *(["auroc"] if glob["auroc_mean"].notna().any() else [])):
         ranked = glob.sort_values(f"{metric}_mean", ascending=False, kind="stable")
         out.append(Winner(metric, ranked.iloc[0], ranked.iloc[1] if len(ranked) > 1 else None))

@@ -29,11 +29,11 @@ from fl_sim.arrays import to_state_dict
 from fl_sim.client.fedbn import GLOBAL_BATCHNORM, batchnorm_keys
 from fl_sim.client.train import optimizer_kwargs
 from fl_sim.client.train_split import synthesis_classes
-from fl_sim.config import Run, RunConfig, StudyConfig, proximal_mu
+from fl_sim.config import PRIVATE_HEAD, Run, RunConfig, StudyConfig, proximal_mu
 from fl_sim.errors import FlSimError
 from fl_sim.evaluation import metrics_of, predict
 from fl_sim.metrics import HEADLINE
-from fl_sim.models.finetune import frozen_digest, load_weights, travelling_state
+from fl_sim.models.finetune import frozen_digest, is_partial, load_weights, travelling_state
 from fl_sim.privacy.central import with_client_level_dp
 from fl_sim.privacy.ledger import PrivacyLedger, trainer_key
 from fl_sim.server.checkpoints import Checkpoints, RunState, keep_rows_up_to
@@ -58,6 +58,9 @@ from fl_sim.wire import WEIGHT_KEY
 
 logger = logging.getLogger(__name__)  # (`log` is a RunLog throughout)
 
+NO_GLOBAL_MODEL = ("none: each client keeps its own classifier head (FedPer / FedRep), so there "
+                   "is no global test row; the clients' rows are their own models'")
+
 
 class PhaseTimer:
     """Logs `time/<phase>_s` for each phase of a round, so slow parts show in TensorBoard."""
@@ -78,9 +81,15 @@ class RoundReport:
     server_round: int
     rounds: int
     seconds: float
-    global_test: dict[str, float]
+    global_test: dict[str, float]  # empty: no global model (FedPer / FedRep)
     federated_val: dict[str, float]
     best_round: int
+
+    def global_text(self) -> str:
+        """e.g. `global test acc 0.512 bacc 0.433 avg 0.471`."""
+        g = self.global_test
+        return (f"global test acc {g['acc']:.3f} bacc {g['bacc']:.3f} avg {g['avg']:.3f}" if g
+                else "no global model")
 
 
 class FederatedRun:
@@ -117,7 +126,7 @@ class FederatedRun:
         sent = travelling_state(self.model)
         self.frozen = OrderedDict((k, v.detach().cpu().clone())  # as checkpoints hold them
                                   for k, v in self.model.state_dict().items() if k not in sent)
-        if self.frozen:
+        if is_partial(self.model):
             self.config["frozen-digest"] = frozen_digest(self.model)
         self.trained_part = {  # summary.json: what trains (and travels, in a federated run)
             "trained_tensors": len(sent), "tensors": len(sent) + len(self.frozen),
@@ -255,6 +264,8 @@ class FederatedRun:
     # ------------------------------------------------------------------ steps
 
     def _global_eval(self, server_round: int, arrays: ArrayRecord, log: RunLog) -> dict:
+        if self.cfg.strategy.name in PRIVATE_HEAD:
+            return {}  # no global model: the server never sees a head
         load_weights(self.model, to_state_dict(arrays))
         probs, loss = self._predict_global()
         y_true = self.data.labels[self.data.indices("global", "test")]
@@ -522,7 +533,9 @@ class FederatedRun:
             **({"availability": self.cfg.availability.model_dump()}
                if self.cfg.availability else {}),
             **({"finetune": {"trainable": self.cfg.finetune.trainable, **self.trained_part}}
-               if self.frozen else {}),
+               if is_partial(self.model) else {}),
+            **({"global_model": NO_GLOBAL_MODEL} if self.cfg.strategy.name in PRIVATE_HEAD
+               else {}),
             # What the global evaluation's model holds where clients keep their own layers.
             **({"global_batchnorm": GLOBAL_BATCHNORM} if self.cfg.strategy.name == "fedbn" else {}),
         })

@@ -32,12 +32,13 @@ def mean_row(rows: list[dict[str, Any]], keys: list[str] | None = None) -> dict[
     return {**mean, "n": int(weights.sum())}
 
 
-def split_rows(metrics: dict[str, Any], splits: tuple[str, ...] = SPLITS
+def split_rows(metrics: dict[str, Any], splits: tuple[str, ...] = SPLITS, model: str = ""
                ) -> dict[str, dict[str, Any]]:
-    """A client's `val_*` / `test_*` metrics as a row per split (`n` an integer)."""
+    """A client's `val_*` / `test_*` metrics as a row per split (`n` an integer); with
+    `model`, those of `<model>_val_*` / `<model>_test_*`."""
     rows = {}
     for split in splits:
-        prefix = f"{split}_"
+        prefix = f"{model}_{split}_" if model else f"{split}_"
         rows[split] = {k[len(prefix):]: v for k, v in metrics.items() if k.startswith(prefix)}
         rows[split]["n"] = int(rows[split]["n"])
     return rows
@@ -45,11 +46,16 @@ def split_rows(metrics: dict[str, Any], splits: tuple[str, ...] = SPLITS
 
 def log_clients(server_round: int, evaluations: list[dict], log: RunLog) -> dict:
     """Per-client val/test rows from each client's `partition-id`, `val_*` and `test_*`
-    metrics; returns (and logs) the example-weighted mean of the clients' val metrics."""
+    metrics (Ditto's personal model's, `personal_*`, as rows of scope `personalized`);
+    returns (and logs) the example-weighted mean of the clients' val metrics."""
     val_rows = []
     for metrics in evaluations:
+        client = int(metrics["partition-id"])
+        if "personal_val_n" in metrics:
+            for split, row in split_rows(metrics, model="personal").items():
+                log.row(server_round, "personalized", client, split, row)
         for split, row in split_rows(metrics).items():
-            log.row(server_round, "client", int(metrics["partition-id"]), split, row)
+            log.row(server_round, "client", client, split, row)
             if split == "val":
                 val_rows.append(row)
     federated = mean_row(val_rows)

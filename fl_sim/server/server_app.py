@@ -56,10 +56,8 @@ def _study_from_run_config(cfg: UserConfig) -> StudyConfig:
 
 def _log_round(r: RoundReport) -> None:
     """Progress for `flwr run --stream` / `fl-sim deploy submit --stream`."""
-    g = r.global_test
-    log(INFO, "fl-sim: round %d/%d in %.1f s, global test acc %.3f bacc %.3f avg %.3f "
-        "(best round %d)", r.server_round, r.rounds, r.seconds, g["acc"], g["bacc"], g["avg"],
-        r.best_round)
+    log(INFO, "fl-sim: round %d/%d in %.1f s, %s (best round %d)", r.server_round, r.rounds,
+        r.seconds, r.global_text(), r.best_round)
 
 
 app = ServerApp()

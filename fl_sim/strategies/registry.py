@@ -30,6 +30,10 @@ STRATEGIES: dict[str, type[fl.FedAvg]] = {
     # FedAvg on the server; each client keeps its own BatchNorm layers (fl_sim.client.fedbn)
     "fedbn": fl.FedAvg,
     "scaffold": Scaffold,  # control variates beside the weights (fl_sim.client.scaffold)
+    # FedAvg of what travels; each client's own part stays with it (fl_sim.client.personal)
+    "fedper": fl.FedAvg,
+    "fedrep": fl.FedAvg,
+    "ditto": fl.FedAvg,
 }
 
 # At import, not when a strategy is built: a resumed run unpickles its strategy and must
