@@ -39,7 +39,18 @@ def quiet_flower(verbose: bool) -> None:
     os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     if not verbose:  # Flower's warnings here are run_simulation's deprecation notice
-        logging.getLogger("flwr").setLevel(logging.ERROR)
+        flwr = logging.getLogger("flwr")
+        flwr.setLevel(logging.ERROR)
+        if not any(isinstance(f, _NoTracebacks) for f in flwr.filters):
+            flwr.addFilter(_NoTracebacks())
+
+
+class _NoTracebacks(logging.Filter):
+    """Drops the tracebacks Flower logs of its engine's failure: fl-sim names the error
+    itself (--verbose shows them)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Traceback (most recent call last)" not in record.getMessage()
 
 
 def is_complete(run_dir: Path) -> bool:
@@ -345,6 +356,17 @@ def _simulate(study: StudyConfig, runs: list[Run], num_clients: int, progress: S
     except Interrupted:
         stop.raise_if_stopped()
         raise
+    except Exception as err:
+        # Flower's engine failed under a ServerApp thread that waits for replies which will
+        # never come, and that thread would keep the process alive: stop it, then exit.
+        stop_requested.set()
+        if isinstance(err, FlSimError):  # the ServerApp's own, re-raised by Flower
+            raise
+        cause = err.__cause__ or err
+        raise FlSimError(
+            f"Flower's Simulation Engine stopped ({type(cause).__name__}: {cause}); finished "
+            "rounds and runs are kept on disk, and the next `fl-sim run` resumes. Run again "
+            "with --verbose for the clients' own logs.") from err
     finally:
         stop.simulating = False
         ray.shutdown()  # Flower's own shutdown is skipped when the engine fails to start

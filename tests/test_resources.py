@@ -84,3 +84,38 @@ def test_a_study_asking_for_what_the_machine_lacks_exits_at_once_and_leaves_no_r
                          capture_output=True, text=True)
     assert not ray.stdout.strip(), "a Ray process outlived the study"
 
+
+
+@pytest.mark.slow
+def test_whatever_flowers_engine_raises_fl_sim_exits_naming_it(tmp_path):
+    """Issue #25, item 1: an engine that fails leaves the ServerApp thread waiting for
+    replies, which kept the process alive; now it is stopped and the study exits 2."""
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    study = tmp_path / "s.yaml"
+    study.write_text(yaml.safe_dump({
+        "study": "s", "out": str(tmp_path / "out"),
+        "data": {"dataset": "synthetic", "image_size": 32, "synthetic": {"num_images": 120},
+                 "cache_dir": str(tmp_path / "cache"), "partition": {"num_clients": 2}},
+        "defaults": {"rounds": 1, "model": {"name": "test_convnext"}}}))
+    broken_engine = (
+        "import sys\n"
+        "from flwr.server.superlink.fleet import vce\n"
+        "def start_vce(**kwargs):\n"
+        "    raise RuntimeError('the backend lost its actors')\n"
+        "vce.start_vce = start_vce\n"
+        "from fl_sim.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n")
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", broken_engine, "run", str(study)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    said = " ".join(done.stderr.split())
+    assert ("Flower's Simulation Engine stopped (RuntimeError: the backend lost its actors)"
+            in said), said
+    assert "Traceback" not in done.stderr
+    assert time.monotonic() - start < 120  # no wait for replies that never come
