@@ -29,7 +29,7 @@ from fl_sim.arrays import to_state_dict
 from fl_sim.client.fedbn import GLOBAL_BATCHNORM, batchnorm_keys
 from fl_sim.client.train import optimizer_kwargs
 from fl_sim.client.train_split import synthesis_classes
-from fl_sim.config import PRIVATE_HEAD, Run, RunConfig, StudyConfig, proximal_mu
+from fl_sim.config import PERSONALIZED, PRIVATE_HEAD, Run, RunConfig, StudyConfig, proximal_mu
 from fl_sim.errors import FlSimError
 from fl_sim.evaluation import metrics_of, predict
 from fl_sim.metrics import HEADLINE
@@ -184,10 +184,15 @@ class FederatedRun:
         if ckpt is not None:
             state = self.checkpoints.restore(ckpt)
             self._write_summary(state, done=False)  # it may lag the checkpoints by a round
-            if self.cfg.client_state == "keep" and state.round < self.cfg.rounds:
-                logger.warning("%s resumes after round %d with fresh client optimizers: "
-                               "client_state: keep lives in the nodes' state, which a new "
-                               "run does not have", self.run.name, state.round)
+            name = self.cfg.strategy.name
+            kept = ("fresh client optimizers (client_state: keep)"
+                    if self.cfg.client_state == "keep" else
+                    "the clients' heads as built" if name in PRIVATE_HEAD else
+                    "the personal models at the global one" if name in PERSONALIZED else None)
+            if kept and state.round < self.cfg.rounds:
+                logger.warning("%s resumes after round %d with %s: they live in the nodes' "
+                               "state, which a new run does not have", self.run.name,
+                               state.round, kept)
             return (self._arrays_of(ckpt["state_dict"]), pickle.loads(ckpt["strategy"]), state)
         # A fresh start keeps nothing of an earlier one cut before its first checkpoint.
         for stale in (*self.run_dir.glob("events.out.tfevents.*"), self.checkpoints.best,
