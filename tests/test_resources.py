@@ -1,8 +1,12 @@
 """`resources.num_cpus: auto`: the clients of a round fill the machine's cores in full waves."""
 
 import os
+import subprocess
+import sys
+import time
 
 import pytest
+import yaml
 
 from fl_sim.config import ResourcesConfig
 from fl_sim.errors import FlSimError
@@ -58,12 +62,6 @@ def test_a_share_ray_has_no_room_for_is_refused_naming_what_it_has():
 def test_a_study_asking_for_what_the_machine_lacks_exits_at_once_and_leaves_no_ray(
         tmp_path, resources, capsys):
     """Issue #25, item 1: Flower's "ActorPool is empty", and then a process that never exits."""
-    import subprocess
-    import sys
-    import time
-
-    import yaml
-
     if resources.get("num_gpus") and __import__("torch").cuda.is_available():
         pytest.skip("this machine has a GPU")
     study = tmp_path / "s.yaml"
@@ -73,28 +71,34 @@ def test_a_study_asking_for_what_the_machine_lacks_exits_at_once_and_leaves_no_r
                  "cache_dir": str(tmp_path / "cache"), "partition": {"num_clients": 2}},
         "defaults": {"rounds": 1, "model": {"name": "test_convnext"}, "resources": resources}}))
     start = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "fl_sim.cli", "run", str(study)],
-                          capture_output=True, text=True, timeout=120)
+    done, pgid = run_in_own_group([sys.executable, "-m", "fl_sim.cli", "run", str(study)])
     assert time.monotonic() - start < 15  # before the data, before Ray
     assert done.returncode == 2, done.stderr
     key = next(iter(resources))
     assert f"resources.{key}: each client asks for" in " ".join(done.stderr.split())
     assert "Traceback" not in done.stderr
-    ray = subprocess.run(["pgrep", "-f", f"raylet.*{tmp_path.name}|gcs_server"],
-                         capture_output=True, text=True)
-    assert not ray.stdout.strip(), "a Ray process outlived the study"
+    assert not left_in_group(pgid), "a process outlived the study"
 
+
+def run_in_own_group(argv: list[str]):
+    """`argv` as a process group of its own (Ray starts in it); returns once it exits."""
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    stdout, stderr = proc.communicate(timeout=300)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr), proc.pid
+
+
+def left_in_group(pgid: int) -> list[str]:
+    """The live processes of process group `pgid`."""
+    return [p for p in subprocess.run(["ps", "-eo", "pgid=,stat=,args="], capture_output=True,
+                                      text=True).stdout.splitlines()
+            if p.split()[0] == str(pgid) and p.split()[1][0] != "Z"]
 
 
 @pytest.mark.slow
 def test_whatever_flowers_engine_raises_fl_sim_exits_naming_it(tmp_path):
     """Issue #25, item 1: an engine that fails leaves the ServerApp thread waiting for
     replies, which kept the process alive; now it is stopped and the study exits 2."""
-    import subprocess
-    import sys
-    import time
-
-    import yaml
 
     study = tmp_path / "s.yaml"
     study.write_text(yaml.safe_dump({
@@ -111,11 +115,11 @@ def test_whatever_flowers_engine_raises_fl_sim_exits_naming_it(tmp_path):
         "from fl_sim.cli import main\n"
         "sys.exit(main(sys.argv[1:]))\n")
     start = time.monotonic()
-    done = subprocess.run([sys.executable, "-c", broken_engine, "run", str(study)],
-                          capture_output=True, text=True, timeout=300)
+    done, pgid = run_in_own_group([sys.executable, "-c", broken_engine, "run", str(study)])
     assert done.returncode == 2, done.stderr
     said = " ".join(done.stderr.split())
     assert ("Flower's Simulation Engine stopped (RuntimeError: the backend lost its actors)"
             in said), said
     assert "Traceback" not in done.stderr
     assert time.monotonic() - start < 120  # no wait for replies that never come
+    assert not left_in_group(pgid), "a process (Ray's) outlived the study"
