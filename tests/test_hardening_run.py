@@ -24,6 +24,8 @@ from flwr.app import ArrayRecord
 from rich.console import Console
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from processes import left_in_group
+
 from fl_sim.cli import main
 from fl_sim.config import StudyConfig, expand_grid
 from fl_sim.errors import FlSimError
@@ -361,11 +363,11 @@ def stop_and_check(proc: subprocess.Popen, log: Path, run_dir: Path, signum: int
     try:
         status = proc.wait(30)
         seconds = time.monotonic() - t0
-        time.sleep(1)
-        # Ray's processes are in fl-sim's process group: none may outlive it.
-        left = subprocess.run(["ps", "-eo", "pgid=,stat=,args="], capture_output=True,
-                              text=True).stdout.splitlines()
-        left = [p for p in left if p.split()[0] == str(proc.pid) and p.split()[1][0] != "Z"]
+        # Ray's processes are in fl-sim's process group: none may outlive it by more than
+        # the few seconds a loaded machine takes to reap an actor.
+        deadline = time.monotonic() + 5
+        while (left := left_in_group(proc.pid)) and time.monotonic() < deadline:
+            time.sleep(0.2)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)

@@ -1,12 +1,13 @@
 """`resources.num_cpus: auto`: the clients of a round fill the machine's cores in full waves."""
 
 import os
-import subprocess
 import sys
 import time
 
 import pytest
 import yaml
+
+from processes import left_in_group, run_in_own_group
 
 from fl_sim.config import ResourcesConfig
 from fl_sim.errors import FlSimError
@@ -78,21 +79,6 @@ def test_a_study_asking_for_what_the_machine_lacks_exits_at_once_and_leaves_no_r
     assert f"resources.{key}: each client asks for" in " ".join(done.stderr.split())
     assert "Traceback" not in done.stderr
     assert not left_in_group(pgid), "a process outlived the study"
-
-
-def run_in_own_group(argv: list[str]):
-    """`argv` as a process group of its own (Ray starts in it); returns once it exits."""
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    stdout, stderr = proc.communicate(timeout=300)
-    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr), proc.pid
-
-
-def left_in_group(pgid: int) -> list[str]:
-    """The live processes of process group `pgid`."""
-    return [p for p in subprocess.run(["ps", "-eo", "pgid=,stat=,args="], capture_output=True,
-                                      text=True).stdout.splitlines()
-            if p.split()[0] == str(pgid) and p.split()[1][0] != "Z"]
 
 
 @pytest.mark.slow

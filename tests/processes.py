@@ -1,0 +1,20 @@
+"""Processes a test starts and must see gone: fl-sim in a process group of its own (Ray's
+processes start in it), and what of that group is still alive."""
+
+import subprocess
+
+
+def run_in_own_group(argv: list[str], timeout: float = 300):
+    """`argv` as a process group of its own; (its CompletedProcess, the group id) once it
+    exits."""
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    stdout, stderr = proc.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr), proc.pid
+
+
+def left_in_group(pgid: int) -> list[str]:
+    """The live processes of process group `pgid`."""
+    return [p for p in subprocess.run(["ps", "-eo", "pgid=,stat=,args="], capture_output=True,
+                                      text=True).stdout.splitlines()
+            if p.split()[0] == str(pgid) and p.split()[1][0] != "Z"]
