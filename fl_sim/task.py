@@ -45,10 +45,11 @@ def build_model(cfg: RunConfig, class_names: Sequence[str],
         model = prepare_for_dpsgd(model, cfg.model.input_size or image_size)  # in every process
     freeze(model, cfg.finetune.trainable)  # the frozen part stays as built, in every process
     if cfg.strategy.name in PRIVATE_HEAD:  # FedPer / FedRep: each client's head is its own
-        if not head_keys(model):
+        head = head_keys(model)
+        if not head:
             raise FlSimError(f"strategy {cfg.strategy.name} keeps each client's classifier "
                              f"head, and {cfg.model.name} has none")
-        keep_private(model, head_keys(model))
+        keep_private(model, head)
     model = model.to(device()).to(memory_format=torch.channels_last)
     input_size = cfg.model.input_size or image_size
     return model, BatchPreprocessor(input_size, normalization(cfg.model), device())

@@ -22,7 +22,7 @@ from flwr.app import RecordDict
 from torch import nn
 
 from fl_sim.client.node_state import keep_own, load_own
-from fl_sim.config import RunConfig, ditto_lambda, head_epochs
+from fl_sim.config import PRIVATE_HEAD, RunConfig, ditto_lambda, head_epochs
 from fl_sim.models.finetune import training_only
 
 Fit = Callable[..., dict]
@@ -33,7 +33,7 @@ client's train split at the round's rate."""
 def load_own_part(model: nn.Module, state: RecordDict, run_cfg: RunConfig,
                   run_json: str) -> None:
     """FedPer/FedRep: this client's own head over the message's body (none yet: as built)."""
-    if run_cfg.strategy.name in ("fedper", "fedrep"):
+    if run_cfg.strategy.name in PRIVATE_HEAD:
         load_own(model, state, "head", run_json, default=model.private_initial)
 
 
