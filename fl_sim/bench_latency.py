@@ -66,7 +66,7 @@ def loopback_federation(home: Path, nodes: int) -> Iterator[None]:
     started as `fl-sim deploy` starts them; all stopped afterwards. The nodes split this
     machine's cores, as the simulation's clients do (`resources.num_cpus: auto`)."""
     from fl_sim.deploy import cli, processes
-    from fl_sim.simulation import local_cores
+    from fl_sim.resources import local_cores
 
     previous = os.environ.get("FLWR_HOME")
     os.environ["FLWR_HOME"] = str(home)

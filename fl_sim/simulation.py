@@ -14,7 +14,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
-import torch
 from rich.console import Console
 
 from fl_sim.client.train import optimizer_kwargs
@@ -23,6 +22,7 @@ from fl_sim.data_partition import prepare_data
 from fl_sim.data_partition.inspect import data_warnings
 from fl_sim.errors import FlSimError
 from fl_sim.models import timm_name
+from fl_sim.resources import check_resources, client_cpus, local_cores, local_resources
 from fl_sim.server.baselines import BASELINE_RUNS
 from fl_sim.server.checkpoints import another_configuration, changed_settings
 from fl_sim.server.failures import Interrupted, RunFailed, failed_before, stop_requested
@@ -371,44 +371,6 @@ def _simulate(study: StudyConfig, runs: list[Run], num_clients: int, progress: S
         stop.simulating = False
         ray.shutdown()  # Flower's own shutdown is skipped when the engine fails to start
     stop.raise_if_stopped()  # a signal after the last round
-
-
-def client_cpus(requested: float | str, num_clients: int, cores: int | None) -> float:
-    """Ray's CPU share per client. `auto` runs k clients at a time on `cores` cores, k the
-    smallest divisor of `num_clients` from `cores` to twice that (else `cores`): every wave
-    is full and no core idles. Separate processes scale better than intra-op threads (3
-    clients on 2 cores: 3 actors beat 2 actors and 1 two-thread actor; BENCHMARKS.md)."""
-    if requested != "auto":
-        return float(requested)
-    if cores is None:  # a Ray cluster: its size is not known before Ray starts
-        return 1.0
-    k = next((d for d in range(cores, 2 * cores + 1) if num_clients % d == 0), cores)
-    # A hair under cores / k: Flower starts int(cores / share) actors, which float error in
-    # cores / k can make k - 1 (9 cores, 7 clients: 6 actors, and a second wave for one).
-    return cores / min(k, num_clients) * (1 - 1e-9)
-
-
-def check_resources(cpus: float, gpus: float, available: dict[str, float],
-                    cluster: bool) -> None:
-    """Refuse a client's share of CPUs or GPUs that Ray has none of room for."""
-    where = "the Ray cluster (FL_SIM_RAY_ADDRESS)" if cluster else "this machine"
-    for name, asked, key in (("num_cpus", cpus, "CPU"), ("num_gpus", gpus, "GPU")):
-        has = float(available.get(key, 0))
-        if asked > has:
-            raise FlSimError(
-                f"resources.{name}: each client asks for {asked:g} {key}(s), and {where} has "
-                f"{has:g}, so Ray could start no client. Lower resources.{name} (num_cpus: "
-                f"auto fits the cores; num_gpus: 0 trains on the CPU).")
-
-
-def local_resources() -> dict[str, float]:
-    """What a local Ray will have: this process's cores and the GPUs CUDA shows it."""
-    return {"CPU": float(local_cores()), "GPU": float(torch.cuda.device_count())}
-
-
-def local_cores() -> int:
-    """The cores this process may run on: its CPU affinity where the OS has one (Linux)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _client_app():

@@ -11,7 +11,8 @@ from processes import left_in_group, run_in_own_group
 
 from fl_sim.config import ResourcesConfig
 from fl_sim.errors import FlSimError
-from fl_sim.simulation import check_resources, client_cpus, local_cores
+from fl_sim.resources import check_resources, client_cpus, flower_federation_config, local_cores
+from fl_sim.server.server_app import check_simulated_federation
 
 
 @pytest.mark.parametrize(("clients", "cores", "share"), [
@@ -109,3 +110,39 @@ def test_whatever_flowers_engine_raises_fl_sim_exits_naming_it(tmp_path):
     assert "Traceback" not in done.stderr
     assert time.monotonic() - start < 120  # no wait for replies that never come
     assert not left_in_group(pgid), "a process (Ray's) outlived the study"
+
+
+def test_flowers_federation_config_runs_fl_sims_wave():
+    """Issue #25, item 5: Flower takes whole CPUs a client; the config fl-sim names for
+    `flwr run .` starts as many clients at once as `num_cpus: auto` does."""
+    for cores in range(1, 33):
+        for clients in range(1, 41):
+            config = flower_federation_config(ResourcesConfig(), clients, cores)
+            assert config["num-supernodes"] == clients
+            ray_cpus = config.get("init-args-num-cpus", cores)
+            flower_wave = int(ray_cpus / config["client-resources-num-cpus"])
+            planned = int(cores / client_cpus("auto", clients, cores))
+            assert min(flower_wave, clients) == min(planned, clients), (cores, clients, config)
+    assert flower_federation_config(ResourcesConfig(), 3, 2) == {
+        "num-supernodes": 3, "client-resources-num-cpus": 1, "init-args-num-cpus": 3}
+    assert flower_federation_config(ResourcesConfig(num_cpus=2, num_gpus=0.5), 4, 16) == {
+        "num-supernodes": 4, "client-resources-num-cpus": 2, "client-resources-num-gpus": 0.5}
+
+
+class Nodes:
+    def __init__(self, count):
+        self.count = count
+
+    def get_node_ids(self):
+        return range(self.count)
+
+
+def test_a_simulated_federation_of_another_size_is_refused_naming_what_fits(caplog):
+    with pytest.raises(FlSimError, match=r"has 2 SuperNodes, and the study splits its data for "
+                                         r"3 clients.*--federation-config \"num-supernodes=3 "):
+        check_simulated_federation(Nodes(2), 3, ResourcesConfig(), settle_s=0.1)
+    with pytest.raises(FlSimError, match="has 0 SuperNodes"):  # none registered in time
+        check_simulated_federation(Nodes(0), 3, ResourcesConfig(), settle_s=0.1)
+    with caplog.at_level("INFO", logger="flwr"):
+        check_simulated_federation(Nodes(3), 3, ResourcesConfig(), settle_s=0.1)
+    assert "3 SuperNodes, one a client" in caplog.text

@@ -77,12 +77,12 @@ def test_below_the_minimum_the_run_stops_naming_the_culprits():
 
 
 def test_a_server_short_of_clients_says_what_it_waits_for(caplog, monkeypatch):
-    """Issue #25, item 5: `flwr run .` on Flower's 2-node local federation waited in silence."""
+    """Issue #25, item 5: a SuperLink short of SuperNodes waited in silence."""
     monkeypatch.setattr("fl_sim.server.messaging.WAITING_NOTE_S", 0.5)
     with pytest.raises(FlSimError):
         wait_for_clients(FakeGrid(nodes=(0, 1)), 3, timeout=2, server_round=1)
     assert "round 1: waiting for 3 clients, 2 connected" in caplog.text
-    assert "give the federation 3 SuperNodes (options.num-supernodes" in caplog.text
+    assert "start more (fl-sim deploy supernode)" in caplog.text
     assert caplog.text.count("waiting for 3 clients") == 1  # said once, not every second
 
 

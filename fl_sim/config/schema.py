@@ -455,7 +455,7 @@ class ResourcesConfig(Strict):
 
     num_cpus: Annotated[float, Field(gt=0)] | Literal["auto"] = Field(
         "auto", description="auto: the clients of a round share this machine's cores in "
-        "balanced waves (fl_sim.simulation.client_cpus); 1 on a Ray cluster")
+        "balanced waves (fl_sim.resources.client_cpus); 1 on a Ray cluster")
     num_gpus: float = Field(0.0, ge=0, description="fractions pack several clients on one GPU")
 
 

@@ -28,8 +28,8 @@ WAITING_NOTE_S = 10.0  # after this long short of clients, the server says what 
 
 def wait_for_clients(grid: Grid, needed: int, timeout: float, server_round: int) -> None:
     """Flower's samplers wait for nodes forever; fl-sim waits at most `timeout` seconds, and
-    says after WAITING_NOTE_S what it waits for (a federation of too few SuperNodes, as
-    `flwr run .`'s default local one, otherwise waits in silence)."""
+    says after WAITING_NOTE_S what it waits for (too few SuperNodes started, otherwise a
+    silent wait; a simulated federation's size is checked at start, `server_app`)."""
     start = time.monotonic()
     deadline, noted = start + timeout, False
     while (connected := len(list(grid.get_node_ids()))) < needed:
@@ -44,9 +44,8 @@ def wait_for_clients(grid: Grid, needed: int, timeout: float, server_round: int)
             log.warning(
                 "round %d: waiting for %d clients, %d connected; waiting up to %g s "
                 "(round_timeout_s). Each client is a SuperNode: start more (fl-sim deploy "
-                "supernode), or under `flwr run .` give the federation %d SuperNodes "
-                "(options.num-supernodes in $FLWR_HOME/config.toml), or lower min_clients.",
-                server_round, needed, connected, timeout, needed)
+                "supernode), or lower min_clients.",
+                server_round, needed, connected, timeout)
             noted = True
         stop_requested.wait(1.0)
 

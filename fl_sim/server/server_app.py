@@ -8,6 +8,7 @@ no run config). The module-level `app` is what `[tool.flwr.app]` names for Flowe
 from __future__ import annotations
 
 import tempfile
+import time
 from logging import INFO
 from pathlib import Path
 from typing import Callable
@@ -15,10 +16,12 @@ from typing import Callable
 from flwr.app import Context, UserConfig
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
+from flwr.superlink.grid import InMemoryGrid
 
-from fl_sim.config import BASELINES, Run, StudyConfig, expand_grid, load_study
+from fl_sim.config import BASELINES, ResourcesConfig, Run, StudyConfig, expand_grid, load_study
 from fl_sim.errors import FlSimError
-from fl_sim.server.failures import stop_if_requested
+from fl_sim.resources import flower_federation_config, local_cores
+from fl_sim.server.failures import stop_if_requested, stop_requested
 from fl_sim.server.loop import FederatedRun, RoundReport
 
 OnRound = Callable[[RoundReport], None]
@@ -78,4 +81,31 @@ def main(grid: Grid, context: Context) -> None:
                          "trains on one machine without Flower; run it with `fl-sim run`.")
     run_dir = matching[0].dir(study)
     log(INFO, "fl-sim: run %s -> %s", name, run_dir.resolve())
-    FederatedRun(study, matching[0], run_dir, on_round=_log_round).execute(grid)
+    federated = FederatedRun(study, matching[0], run_dir, on_round=_log_round)
+    if isinstance(grid, InMemoryGrid):  # Flower's simulation runtime (`flwr run .` locally)
+        check_simulated_federation(grid, federated.data.num_clients, matching[0].config.resources)
+    federated.execute(grid)
+
+
+def check_simulated_federation(grid: Grid, num_clients: int, resources: ResourcesConfig,
+                               settle_s: float = 30.0) -> None:
+    """Under Flower's simulation runtime the federation is as large as its config says, and
+    Flower's default (2 SuperNodes) would leave a 3-client study waiting an hour for a third:
+    refuse in seconds, naming the config that fits, with fl-sim's `num_cpus: auto` in it
+    (Flower's own default of 2 CPUs a client runs one client at a time on 2 cores)."""
+    deadline = time.monotonic() + settle_s  # the engine registers its nodes as it starts
+    while not (nodes := len(list(grid.get_node_ids()))) and time.monotonic() < deadline:
+        stop_requested.wait(0.2)
+    fits = flower_federation_config(resources, num_clients, local_cores())
+    pairs = " ".join(f"{key}={value}" for key, value in fits.items())
+    options = " ".join(f"--{key} {value}" for key, value in fits.items())
+    if nodes != num_clients:
+        raise FlSimError(
+            f"this simulated federation has {nodes} SuperNodes, and the study splits its data "
+            f"for {num_clients} clients, one a SuperNode; a simulation adds none. Run it as "
+            f'`flwr run . --stream --federation-config "{pairs}"` (fl-sim\'s num_cpus on this '
+            f"machine's {local_cores()} cores), or set it once: `flwr federation "
+            f"simulation-config @none/default local {options}`.")
+    log(INFO, "fl-sim: %d SuperNodes, one a client; fl-sim's num_cpus on this machine's %d "
+        "cores is --federation-config \"%s\" (Flower's default: 2 CPUs a client)",
+        nodes, local_cores(), pairs)
