@@ -126,6 +126,17 @@ def test_paired_difference_of_two_equal_models_and_of_a_better_one():
     assert lo > 0.1 and p_value(better) < 0.001
 
 
+def test_a_clear_difference_survives_holm_over_a_large_table():
+    """A p-value counted from 2,000 draws could not go under 2 / 2,001, so Holm over a
+    63-cell table (9 comparisons x 7 metrics) called nothing, whatever the intervals."""
+    differences = np.random.default_rng(0).normal(-0.133, 0.030, size=2000)
+    assert interval(differences)[1] < 0
+    assert p_value(differences) < 1e-4
+    assert max(holm([p_value(differences)] * 63)) < 0.05
+    noise = np.random.default_rng(1).normal(0.0, 0.030, size=2000)
+    assert p_value(noise) > 0.5
+
+
 def test_a_split_s_paired_difference_is_that_of_the_shared_draws():
     """What a client sends about personalized vs global on its test split."""
     labels, probs = predictions(600, 1.0, 11)

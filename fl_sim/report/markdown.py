@@ -77,8 +77,8 @@ def score(row: pd.Series, metric: str) -> str:
 
 
 def p_text(p: float) -> str:
-    """A bootstrap p-value (at least 2 / (B + 1), about 0.001)."""
-    return f"{p:.3f}" if p >= 0.001 else f"{p:.4f}"
+    """A p-value, to three decimals down to 0.001."""
+    return f"{p:.3f}" if p >= 0.001 else "< 0.001"
 
 
 def verdict(d: Difference) -> str:
