@@ -1,9 +1,11 @@
 """Processes a test starts and must see gone: fl-sim in a process group of its own (Ray's
-processes start in it), what of that group is still alive, the tree under a detached
-process, and a free port for a server a test starts."""
+processes start in it), what of that group is still alive, the processes a command
+line names, and a free port for a server a test starts."""
 
+import os
 import socket
 import subprocess
+from pathlib import Path
 
 
 def run_in_own_group(argv: list[str], timeout: float = 300):
@@ -29,15 +31,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def descendants(pid: int) -> list[int]:
-    """`pid` and every process under it, by parent id."""
-    children: dict[int, list[int]] = {}
-    for line in subprocess.run(["ps", "-eo", "pid=,ppid="], capture_output=True,
-                               text=True).stdout.splitlines():
-        child, parent = map(int, line.split())
-        children.setdefault(parent, []).append(child)
-    tree, todo = [], [pid]
-    while todo:
-        tree.append(todo.pop())
-        todo += children.get(tree[-1], [])
-    return tree
+
+def processes_naming(text: str) -> list[int]:
+    """The pids (not this one) whose command line holds `text` (arguments NUL-separated)."""
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if text.encode() in cmdline.read_bytes() and int(cmdline.parent.name) != os.getpid():
+                pids.append(int(cmdline.parent.name))
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+    return pids

@@ -20,22 +20,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from processes import free_port
+from processes import free_port, processes_naming
 
 from fl_sim.deploy.processes import stop_process
 
 RAY = str(Path(sys.executable).parent / "ray")
-
-
-def processes_naming(text: str) -> list[int]:
-    pids = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            if text.encode() in cmdline.read_bytes() and int(cmdline.parent.name) != os.getpid():
-                pids.append(int(cmdline.parent.name))
-        except (FileNotFoundError, ProcessLookupError):
-            pass
-    return pids
 
 
 @pytest.fixture

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from processes import descendants, free_port, left_in_group
+from processes import free_port, left_in_group, processes_naming
 
 from fl_sim.config import ResourcesConfig
+from fl_sim.deploy.processes import descendants
 from fl_sim.resources import flower_federation_config, local_cores
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,14 +36,6 @@ def flwr_run(env: dict, out: Path, federation: str) -> tuple[subprocess.Complete
          f'out="{out}" study-config="tiny.yaml" study-yaml="{TINY}"'],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     return proc, time.monotonic() - start
-
-
-def local_superlink(port: int) -> int | None:
-    for line in subprocess.run(["ps", "-wweo", "pid=,args="], capture_output=True,
-                               text=True).stdout.splitlines():
-        if "flower-superlink" in line and f"--port {port} " in line:
-            return int(line.split()[0])
-    return None
 
 
 @pytest.mark.slow
@@ -76,9 +69,9 @@ def test_flwr_run_on_flowers_local_superlink(tmp_path):
         assert (tmp_path / "out" / "tiny" / "fedavg_test_convnext_sgd_s0"
                 / "summary.json").exists()
     finally:
-        pid = local_superlink(http)
+        pid = next(iter(processes_naming(f"--port\0{http}\0")), None)  # the local SuperLink
         groups = set()
-        for p in descendants(pid) if pid else []:
+        for p in [pid, *descendants(pid)] if pid else []:
             with contextlib.suppress(ProcessLookupError):
                 groups.add(os.getpgid(p))
         for group in groups:

@@ -96,7 +96,8 @@ def check_simulated_federation(grid: Grid, num_clients: int, resources: Resource
     deadline = time.monotonic() + settle_s  # the engine registers its nodes as it starts
     while not (nodes := len(list(grid.get_node_ids()))) and time.monotonic() < deadline:
         stop_requested.wait(0.2)
-    fits = flower_federation_config(resources, num_clients, local_cores())
+    cores = local_cores()
+    fits = flower_federation_config(resources, num_clients, cores)
     pairs = " ".join(f"{key}={value}" for key, value in fits.items())
     options = " ".join(f"--{key} {value}" for key, value in fits.items())
     if nodes != num_clients:
@@ -104,8 +105,8 @@ def check_simulated_federation(grid: Grid, num_clients: int, resources: Resource
             f"this simulated federation has {nodes} SuperNodes, and the study splits its data "
             f"for {num_clients} clients, one a SuperNode; a simulation adds none. Run it as "
             f'`flwr run . --stream --federation-config "{pairs}"` (fl-sim\'s num_cpus on this '
-            f"machine's {local_cores()} cores), or set it once: `flwr federation "
+            f"machine's {cores} cores), or set it once: `flwr federation "
             f"simulation-config @none/default local {options}`.")
     log(INFO, "fl-sim: %d SuperNodes, one a client; fl-sim's num_cpus on this machine's %d "
         "cores is --federation-config \"%s\" (Flower's default: 2 CPUs a client)",
-        nodes, local_cores(), pairs)
+        nodes, cores, pairs)
