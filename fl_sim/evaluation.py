@@ -11,6 +11,7 @@ from torch import nn
 
 from fl_sim.data_partition import FederatedData
 from fl_sim.metrics import classification_metrics
+from fl_sim.predictions import SplitStore
 from fl_sim.stats import paired_split_difference, split_intervals
 from fl_sim.transforms import BatchPreprocessor
 
@@ -72,19 +73,24 @@ def split_predictions(model: nn.Module, data: FederatedData, partition: int, spl
 def evaluate_splits(model: nn.Module, data: FederatedData, partition: int,
                     preprocess: BatchPreprocessor, batch_size: int,
                     splits: Sequence[str] = ("val", "test"),
-                    baseline: np.ndarray | None = None) -> dict[str, float]:
+                    baseline: np.ndarray | None = None,
+                    keep: SplitStore | None = None) -> dict[str, float]:
     """`evaluate` on a client's val and test splits, keys prefixed (`val_acc`, `test_n`, ...),
     with the bootstrap intervals of the test split's metrics (`test_bacc_lo`, `test_bacc_hi`,
     ...): what the report needs of a split whose predictions never leave the client.
     `baseline`, another model's probabilities on the test split, adds the paired test of
-    this model against it (`test_bacc_delta_lo`, `_hi`, `_p`)."""
+    this model against it (`test_bacc_delta_lo`, `_hi`, `_p`). `keep` stores the test
+    split's per-image predictions where the client is (fl_sim.predictions)."""
     metrics = {}
     for split in splits:
         probs, loss = split_predictions(model, data, partition, split, preprocess, batch_size)
-        labels = data.labels[data.indices(partition, split)]
+        rows = data.indices(partition, split)
+        labels = data.labels[rows]
         result = metrics_of(labels, probs, data.classes, loss)
         if split == "test":
             result.update(split_intervals(labels, probs))
+            if keep is not None:
+                keep.save(data.manifest["image_id"].to_numpy()[rows], labels, probs)
             if baseline is not None:
                 result.update(paired_split_difference(labels, probs, baseline))
         metrics.update({f"{split}_{k}": v for k, v in result.items()})

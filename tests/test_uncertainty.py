@@ -16,9 +16,9 @@ from fl_sim.client.client_app import evaluate_global
 from fl_sim.config import StudyConfig, expand_grid
 from fl_sim.data_partition import prepare_data
 from fl_sim.metrics import classification_metrics
+from fl_sim.predictions import load_predictions
 from fl_sim.report import load_study, write_report
 from fl_sim.report.uncertainty import Bootstrap
-from fl_sim.server.predictions import load_predictions
 from fl_sim.simulation import run_study
 from fl_sim.stats import METRICS
 from fl_sim.task import build_model

@@ -11,6 +11,7 @@ import copy
 import functools
 import time
 from collections import OrderedDict
+from pathlib import Path
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -33,6 +34,7 @@ from fl_sim.data_partition import FederatedData
 from fl_sim.errors import ClientFailure, FlSimError
 from fl_sim.evaluation import evaluate_splits, split_predictions
 from fl_sim.models.finetune import load_weights, travelling_state
+from fl_sim.predictions import PERSONAL, SplitStore
 from fl_sim.privacy.central import NORM_BIT, clip_update, wants_clipping
 from fl_sim.task import client_rng, device, load_data, load_model, model_frozen_digest
 
@@ -124,6 +126,16 @@ def _setup(msg: Message, context: Context, own_layers: bool = True):
     return config, run_cfg, data_cfg, data, model, preprocess, partition, pid
 
 
+def _kept(config: ConfigRecord, pid: int, model: str = "") -> SplitStore | None:
+    """Where this client keeps its test split's predictions of the message's model: the
+    folder a simulation names for it (`client-store`, on the disk every simulated client
+    shares with the server); None in a deployment."""
+    if "client-store" not in config:
+        return None
+    return SplitStore(Path(str(config["client-store"])) / str(pid), int(config["server-round"]),
+                      model)
+
+
 def _reply(msg: Message, partition_id: int, num_examples: int, metrics: dict,
            arrays: ArrayRecord | None = None) -> Message:
     # `num-examples` and `unit-weight` are both always sent: the strategy weights by one of
@@ -210,14 +222,15 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     FedPer/FedRep with the client's own head); Ditto's personal model beside it
     (`personal_val_*`, `personal_test_*`, with the paired test against the global model)."""
     config, run_cfg, _, data, model, preprocess, partition, pid = _setup(msg, context)
-    metrics = evaluate_splits(model, data, partition, preprocess, run_cfg.eval_batch_size)
+    metrics = evaluate_splits(model, data, partition, preprocess, run_cfg.eval_batch_size,
+                              keep=_kept(config, pid))
     if run_cfg.strategy.name == "ditto":
         global_probs, _ = split_predictions(model, data, partition, "test", preprocess,
                                             run_cfg.eval_batch_size)
         personal = personal_model(model, context.state, str(config["run-config"]))
         metrics.update({f"personal_{k}": v for k, v in evaluate_splits(
             personal, data, partition, preprocess, run_cfg.eval_batch_size,
-            baseline=global_probs).items()})
+            baseline=global_probs, keep=_kept(config, pid, PERSONAL)).items()})
     return _reply(msg, pid, int(metrics["val_n"]), metrics)
 
 
@@ -243,7 +256,7 @@ def personalize(msg: Message, context: Context) -> Message:
                 rng=client_rng(run_cfg.seed, pid, int(config["server-round"]), stream=2),
                 lr=lr, federation_counts=federation_counts(config))
     metrics = evaluate_splits(model, data, partition, preprocess, run_cfg.eval_batch_size,
-                              baseline=global_probs)
+                              baseline=global_probs, keep=_kept(config, pid, PERSONAL))
     arrays = None
     if config.get("send-model", False):
         arrays = ArrayRecord(travelling_state(model))

@@ -17,8 +17,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 import pandas as pd
 
+from fl_sim.predictions import load_predictions
 from fl_sim.report.collect import LABELS, Study
-from fl_sim.server.predictions import load_predictions
 from fl_sim.stats import (
     LEVEL, METRICS, ImageDraws, combine_seeds, draw_seeds, holm, interval, p_value,
     replicate_metrics,

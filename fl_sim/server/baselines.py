@@ -28,6 +28,7 @@ from fl_sim.client.train_split import (
     client_synthesis, own_class_counts, synthesis_report, train_split,
 )
 from fl_sim.evaluation import evaluate_splits, metrics_of
+from fl_sim.predictions import SplitStore, client_folder
 from fl_sim.privacy.ledger import trainer_key
 from fl_sim.server.checkpoints import RunState
 from fl_sim.server.loop import FederatedRun, PhaseTimer
@@ -79,10 +80,12 @@ class BaselineRun(FederatedRun):
         # `n` counts the clients' own images, as a federated client's reply does.
         return train_row(result, int((indices < len(self.data.images)).sum()))
 
-    def _metrics_of(self, client: int) -> dict:
-        """The loaded model on `client`'s val and test splits, as a client would report them."""
+    def _metrics_of(self, client: int, server_round: int) -> dict:
+        """The loaded model on `client`'s val and test splits, as a client would report them
+        (and keep its test split's predictions)."""
         return {"partition-id": client, **evaluate_splits(
-            self.model, self.data, client, self.preprocess, self.cfg.eval_batch_size)}
+            self.model, self.data, client, self.preprocess, self.cfg.eval_batch_size,
+            keep=SplitStore(client_folder(self.run_dir, client), server_round))}
 
     @property
     def clients(self) -> range:
@@ -129,7 +132,7 @@ class PooledRun(BaselineRun):
     def _evaluate_clients(self, server_round: int, arrays: ArrayRecord, strategy: Any,
                           grid: Any, state: RunState) -> list[dict]:
         self.model.load_state_dict(to_state_dict(arrays), strict=True)
-        return [self._metrics_of(c) for c in self.clients]
+        return [self._metrics_of(c, server_round) for c in self.clients]
 
 
 def client_prefix(client: int) -> str:
@@ -175,7 +178,7 @@ class LocalRun(BaselineRun):
         evaluations = []
         for c in self.clients:
             self._load(arrays, c)
-            evaluations.append(self._metrics_of(c))
+            evaluations.append(self._metrics_of(c, server_round))
         return evaluations
 
     def _cross_site(self) -> LocalCrossSite:

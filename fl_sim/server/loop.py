@@ -22,6 +22,7 @@ import torch
 import yaml
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
+from flwr.superlink.grid import InMemoryGrid
 from sklearn.metrics import confusion_matrix
 
 from fl_sim.adversary import hostile_clients
@@ -34,6 +35,7 @@ from fl_sim.errors import FlSimError
 from fl_sim.evaluation import metrics_of, predict
 from fl_sim.metrics import HEADLINE
 from fl_sim.models.finetune import frozen_digest, is_partial, load_weights, travelling_state
+from fl_sim.predictions import CLIENTS, clear_predictions, save_predictions
 from fl_sim.privacy.central import with_client_level_dp
 from fl_sim.privacy.ledger import PrivacyLedger, trainer_key
 from fl_sim.server.checkpoints import Checkpoints, RunState, keep_rows_up_to
@@ -44,7 +46,6 @@ from fl_sim.server.messaging import (
 from fl_sim.server.phases import (
     CrossSiteEvaluation, FederationCounts, Personalization, Synthesis,
 )
-from fl_sim.server.predictions import clear_predictions, save_predictions
 from fl_sim.server.rows import log_clients, log_privacy, mean_row, train_row
 from fl_sim.server.run_log import RunLog, write_json_atomic
 from fl_sim.server.schedule import LRSchedule
@@ -407,6 +408,8 @@ class FederatedRun:
         folder) stops it with a paragraph that says what is intact, and leaves no temporary
         file. Whatever stops it (also Ctrl-C: `stop_requested`, a failed client) takes back
         the rows of the round it cut: a rerun resumes from the last saved round."""
+        if isinstance(grid, InMemoryGrid):  # simulated clients share this disk
+            self.config["client-store"] = str(self.run_dir / CLIENTS)
         ckpt = self.checkpoints.load_last()
         # The round last.pt holds, and the one being written and not saved yet (if any).
         saved = ckpt["state"] if ckpt else {"round": 0, "stopped": None}
