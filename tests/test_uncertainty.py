@@ -151,3 +151,4 @@ def test_a_client_replies_with_numbers_about_its_split_never_per_image_output(tm
         assert metrics[f"test_{metric}_lo"] <= metrics[f"test_{metric}"] <= metrics[f"test_{metric}_hi"]
     assert not any(k.startswith("val_") and k.endswith(("_lo", "_hi")) for k in metrics)
     assert math.isfinite(metrics["test_ece"])
+    assert not list(tmp_path.rglob("*round_*.npz"))  # no simulation's folder: it keeps none

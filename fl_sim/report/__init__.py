@@ -17,6 +17,7 @@ from fl_sim.report.plots import write_figures
 from fl_sim.report.personalization import personalization_section
 from fl_sim.report.privacy import privacy_section
 from fl_sim.report.probes import probes_section
+from fl_sim.report.sites import sites_section
 from fl_sim.report.tables import seed_table, versus_pooled
 from fl_sim.report.uncertainty import Bootstrap, with_intervals
 from fl_sim.tracking import STORE, log_report
@@ -40,7 +41,7 @@ def write_report(study_dir: Path, note: Callable[[str], None] | None = None) -> 
     table.to_csv(out / "test_metrics.csv", index=False)
     versus = versus_pooled(table, study.runs)
     figures = write_figures(study.rows, table, versus, boot, out)
-    extra = [*personalization_section(study), *cross_site_section(study),
+    extra = [*sites_section(study, out), *personalization_section(study), *cross_site_section(study),
              *privacy_section(study, out),
              *probes_section(study)]
     (out / "report.md").write_text(render(study, table, versus, boot, figures, extra),

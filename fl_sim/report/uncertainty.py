@@ -61,6 +61,12 @@ def with_holm(differences: list[Difference]) -> list[Difference]:
     return [replace(d, p_holm=p) for d, p in zip(differences, adjusted)]
 
 
+def runs_of(runs: pd.DataFrame, config: Config) -> list[str]:
+    """The runs (one per seed) of a configuration, by seed (`runs`: indexed by run)."""
+    mask = np.logical_and.reduce([runs[k] == v for k, v in zip(LABELS, config)])
+    return list(runs[mask].sort_values("seed").index)
+
+
 @dataclass(frozen=True)
 class Replicates:
     """One run's round on its test set: metric -> (B,) replicates, the mean over its models
@@ -82,9 +88,7 @@ class Bootstrap:
         self._cache: dict[tuple[str, int, bool], Replicates | None] = {}
 
     def seeds(self, config: Config) -> list[str]:
-        """The runs (one per seed) of a configuration, by seed."""
-        mask = np.logical_and.reduce([self._runs[k] == v for k, v in zip(LABELS, config)])
-        return list(self._runs[mask].sort_values("seed").index)
+        return runs_of(self._runs, config)
 
     def replicates(self, run: str, server_round: int, auroc: bool = True) -> Replicates | None:
         """A run's round, resampled (None without predictions); AUROC only where `auroc`."""
@@ -140,14 +144,23 @@ class Bootstrap:
         if found_a is None or found_b is None or found_a[1].images != found_b[1].images:
             return None
         (seeds_a, reps_a), (seeds_b, reps_b) = found_a, found_b
-        # Run with the same seeds: draw the same seeds for both (paired); else each its own.
-        draw_a = draw_seeds(len(seeds_a)) if len(seeds_a) > 1 else None
-        draw_b = (draw_a if seeds_a == seeds_b else
-                  draw_seeds(len(seeds_b), seed=1) if len(seeds_b) > 1 else None)
-        diff = (combine_seeds(reps_a.metrics[metric], draw_a)
-                - combine_seeds(reps_b.metrics[metric], draw_b))
-        lo, hi = interval(diff)
-        return Difference(a, b, metric, value, lo, hi, p_value(diff), reps_a.n)
+        return difference_of(a, b, metric, value, (seeds_a, reps_a.metrics[metric]),
+                             (seeds_b, reps_b.metrics[metric]), reps_a.n)
+
+
+def difference_of(a: Config, b: Config, metric: str, value: float,
+                  seeds_a: tuple[list[int], np.ndarray], seeds_b: tuple[list[int], np.ndarray],
+                  n: int) -> Difference:
+    """The Difference a − b from each configuration's seeds and their (S, B) replicates
+    of `metric` on the same draws of the same images: run with the same seeds, both draw
+    the same seeds (paired on seeds too); else each its own."""
+    (seeds, reps_a), (other, reps_b) = seeds_a, seeds_b
+    draw_a = draw_seeds(len(seeds)) if len(seeds) > 1 else None
+    draw_b = (draw_a if seeds == other else
+              draw_seeds(len(other), seed=1) if len(other) > 1 else None)
+    diff = combine_seeds(reps_a, draw_a) - combine_seeds(reps_b, draw_b)
+    lo, hi = interval(diff)
+    return Difference(a, b, metric, value, lo, hi, p_value(diff), n)
 
 
 def with_intervals(table: pd.DataFrame, boot: Bootstrap) -> pd.DataFrame:
