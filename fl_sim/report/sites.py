@@ -45,14 +45,15 @@ PAIRED_SITES_TEXT = (
     "bootstrap interval (the same draws of each site's images, and of the seeds where both "
     "ran the same) and the p-value Holm-adjusted over every cell of the table; the mean's "
     "is the mean over the sites of each replicate. **Bold**: distinguishable.")
-_OWN = {"local": "own model", "fedper": "own head", "fedrep": "own head"}
+_SERVED = {"pooled": "pooled model", "local": "own model", "fedper": "own head",
+           "fedrep": "own head"}
 
 
 def model_label(strategy_name: str, model: str) -> str:
     """What a site's model of a run is called in the tables."""
     if model == PERSONAL:
         return "personal model" if strategy_name == "ditto" else "fine-tuned"
-    return _OWN.get(strategy_name, "global model")
+    return _SERVED.get(strategy_name, "global model")
 
 
 @dataclass(frozen=True)

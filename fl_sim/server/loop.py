@@ -27,19 +27,18 @@ from sklearn.metrics import confusion_matrix
 
 from fl_sim.adversary import hostile_clients
 from fl_sim.arrays import to_state_dict
-from fl_sim.client.fedbn import GLOBAL_BATCHNORM, batchnorm_keys
+from fl_sim.client.fedbn import batchnorm_keys
 from fl_sim.client.train import optimizer_kwargs
 from fl_sim.client.train_split import synthesis_classes
-from fl_sim.config import PERSONALIZED, PRIVATE_HEAD, Run, RunConfig, StudyConfig, proximal_mu
+from fl_sim.config import PERSONALIZED, PRIVATE_HEAD, Run, StudyConfig
 from fl_sim.errors import FlSimError
 from fl_sim.evaluation import metrics_of, predict
-from fl_sim.metrics import HEADLINE
 from fl_sim.models.finetune import frozen_digest, is_partial, load_weights, travelling_state
 from fl_sim.predictions import CLIENTS, clear_predictions, save_predictions
 from fl_sim.privacy.central import with_client_level_dp
 from fl_sim.privacy.ledger import PrivacyLedger, trainer_key
 from fl_sim.server.checkpoints import Checkpoints, RunState, keep_rows_up_to
-from fl_sim.server.failures import WRITE_ERRORS, RunFailed, check_finite, finite_or_null
+from fl_sim.server.failures import WRITE_ERRORS, RunFailed, check_finite
 from fl_sim.server.messaging import (
     exchange, payload_bytes, sample_nodes, send_and_check, wait_for_clients,
 )
@@ -47,9 +46,10 @@ from fl_sim.server.phases import (
     CrossSiteEvaluation, FederationCounts, Personalization, Synthesis,
 )
 from fl_sim.server.rows import log_clients, log_privacy, mean_row, train_row
-from fl_sim.server.run_log import RunLog, write_json_atomic
+from fl_sim.server.run_log import RunLog
 from fl_sim.server.schedule import LRSchedule
 from fl_sim.server.secure_aggregation import SecureAggregation
+from fl_sim.server.summary import hparam_metrics, hparams_of, run_facts, write_summary
 from fl_sim.strategies import build_strategy
 from fl_sim.strategies.registry import sample_size
 from fl_sim.task import build_model, check_input_size, load_data
@@ -58,9 +58,6 @@ from fl_sim.wire import WEIGHT_KEY
 
 
 logger = logging.getLogger(__name__)  # (`log` is a RunLog throughout)
-
-NO_GLOBAL_MODEL = ("none: each client keeps its own classifier head (FedPer / FedRep), so there "
-                   "is no global test row; the clients' rows are their own models'")
 
 
 class PhaseTimer:
@@ -127,20 +124,20 @@ class FederatedRun:
         sent = travelling_state(self.model)
         self.frozen = OrderedDict((k, v.detach().cpu().clone())  # as checkpoints hold them
                                   for k, v in self.model.state_dict().items() if k not in sent)
+        trained_part = None  # summary.json: what trains (and travels, in a federated run)
         if is_partial(self.model):
             self.config["frozen-digest"] = frozen_digest(self.model)
-        self.trained_part = {  # summary.json: what trains (and travels, in a federated run)
-            "trained_tensors": len(sent), "tensors": len(sent) + len(self.frozen),
-            "trained_bytes": sum(t.nbytes for t in sent.values()),
-            "bytes": sum(t.nbytes for t in self.model.state_dict().values())}
+            trained_part = {"trained_tensors": len(sent), "tensors": len(sent) + len(self.frozen),
+                            "trained_bytes": sum(t.nbytes for t in sent.values()),
+                            "bytes": sum(t.nbytes for t in self.model.state_dict().values())}
         if len(self.data.indices("global", "test")) == 0:
             raise FlSimError("the server has no global test set (data.global_test.source: none "
                              "is for a SuperNode's own data): use holdout or isic2018.")
         # With availability, a round carries on with whoever trains (at least one does).
         self.min_clients = self.cfg.min_clients or (
             1 if self.cfg.availability else self.data.num_clients)
-        self.hostile = (hostile_clients(self.cfg.adversary, self.data.num_clients, self.cfg.seed)
-                        if self.cfg.adversary else [])
+        hostile = (hostile_clients(self.cfg.adversary, self.data.num_clients, self.cfg.seed)
+                   if self.cfg.adversary else [])
         self.client_of_node: dict[int, int] = {}
         if self.cfg.strategy.name == "fedbn" and not set(batchnorm_keys(self.model)) & set(sent):
             why = (f"trains none (finetune.trainable {self.cfg.finetune.trainable})"
@@ -150,6 +147,7 @@ class FederatedRun:
                              f"{self.cfg.model.name} {why}: it would be FedAvg. Use fedavg, or "
                              "a model with BatchNorm (resnet, efficientnet, "
                              "tf_efficientnet_lite0) that trains some.")
+        self.facts = run_facts(self.cfg, hostile, trained_part)
         if self.cfg.synthesis is not None:
             synthesis_classes(self.cfg.synthesis, self.data.classes)  # names known classes
         if (self.cfg.privacy and self.cfg.privacy.client_level
@@ -506,56 +504,10 @@ class FederatedRun:
                 state.cross_site = self.cross_site(personalized, query, state, log)
             log.commit()
         summary = self._write_summary(state, done=True)
-        log.hparams(hparams_of(self.cfg), {
-            f"hparams/{when}_{scope}_{k}": value
-            for when in ("best", "final") for scope in ("global_test", "federated_val")
-            for k in (*HEADLINE, "avg")
-            if (value := summary[when].get(scope, {}).get(k)) is not None})
+        log.hparams(hparams_of(self.cfg), hparam_metrics(summary))
         return summary
 
     def _write_summary(self, state: RunState, done: bool,
                        failed: dict[str, Any] | None = None) -> dict:
-        """summary.json from `state`, strict JSON (a non-finite metric is null); `failed`:
-        {round, client, reason} of a diverged run."""
-        summary = finite_or_null({
-            "run": self.run.name,
-            "complete": done,
-            "failed": failed,
-            "rounds": self.cfg.rounds,
-            "rounds_done": state.round,
-            "selection": f"federated val {self.cfg.selection_metric} (mean of clients, by n)",
-            "stopped": state.stopped,
-            "best": state.best,
-            "final": state.final,
-            "wall_time_s": sum(state.round_seconds),
-            "round_seconds": state.round_seconds,
-            "bytes_sent": state.bytes_sent,
-            "bytes_received": state.bytes_received,
-            **({"synthesis": state.synthesis} if state.synthesis else {}),
-            **({"personalized": state.personalized} if state.personalized else {}),
-            **({"cross_site": state.cross_site} if state.cross_site else {}),
-            **({"privacy": state.privacy} if state.privacy else {}),
-            **({"adversary": {"clients": self.hostile, "attack": self.cfg.adversary.attack,
-                              "strength": self.cfg.adversary.resolved_strength}}
-               if self.cfg.adversary else {}),
-            **({"availability": self.cfg.availability.model_dump()}
-               if self.cfg.availability else {}),
-            **({"finetune": {"trainable": self.cfg.finetune.trainable, **self.trained_part}}
-               if is_partial(self.model) else {}),
-            **({"global_model": NO_GLOBAL_MODEL} if self.cfg.strategy.name in PRIVATE_HEAD
-               else {}),
-            # What the global evaluation's model holds where clients keep their own layers.
-            **({"global_batchnorm": GLOBAL_BATCHNORM} if self.cfg.strategy.name == "fedbn" else {}),
-        })
-        write_json_atomic(self.run_dir / "summary.json", summary)
-        return summary
-
-
-def hparams_of(cfg: RunConfig) -> dict[str, Any]:
-    """The settings TensorBoard's HParams table compares runs by."""
-    return {"strategy": cfg.strategy.name, "weighting": cfg.strategy.weighting,
-            "mu": proximal_mu(cfg.strategy) if cfg.strategy.name == "fedprox" else 0.0,
-            "model": cfg.model.name,
-            "optimizer": cfg.optimizer.name, "training": cfg.training, "seed": cfg.seed,
-            "local_epochs": cfg.local_epochs, "local_steps": cfg.local_steps or 0,
-            "batch_size": cfg.batch_size}
+        return write_summary(self.run_dir, self.run.name, self.cfg, state, done, self.facts,
+                             failed)
