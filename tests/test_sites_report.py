@@ -91,13 +91,20 @@ def test_the_sites_tables_score_every_model_and_test_it_against_pooled(study_dir
                           & (study.rows["scope"] == "personalized")
                           & (study.rows["split"] == "test")]
         expected.append(best.sort_values("client")["bacc"].to_numpy())
-    assert [float(v) for v in tuned[0][3:5]] == pytest.approx(np.mean(expected, 0), abs=5e-4)
+    assert tuned[0][3] == "—"  # a fine-tuned model has no global test score
+    assert [float(v) for v in tuned[0][4:6]] == pytest.approx(np.mean(expected, 0), abs=5e-4)
     # fedavg's global model and its fine-tuned copy against pooled; pooled not against itself.
     assert [r[0].split(" (")[1].split(")")[0] for r in paired] == ["global model", "fine-tuned"]
+    def delta(cell):
+        return float(cell.strip("*").split(" [")[0].replace("−", "-"))
+
     for row in paired:
-        per_site = [float(c.split(" [")[0].replace("−", "-")) for c in row[1:3]]
-        assert float(row[3].split(" [")[0].strip("*").replace("−", "-")) == pytest.approx(
-            np.mean(per_site), abs=1e-3)
+        assert delta(row[4]) == pytest.approx(np.mean([delta(c) for c in row[2:4]]), abs=1e-3)
+    # The global model's global test column is the paired test of the report's other tables.
+    assert paired[0][1] != "—" and paired[1][1] == "—"
+    [glob] = [r for r in values if r[1] == "global model"]
+    [pooled] = [r for r in values if r[1] == "pooled model"]
+    assert delta(paired[0][1]) == pytest.approx(float(glob[3]) - float(pooled[3]), abs=1e-3)
 
 
 def test_a_model_against_itself_differs_by_nothing_and_a_perfect_one_by_everything(study_dir):

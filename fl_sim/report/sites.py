@@ -23,10 +23,10 @@ from matplotlib.figure import Figure
 from fl_sim.metrics import classification_metrics
 from fl_sim.predictions import CLIENTS, PERSONAL, Predictions, client_folder, load_predictions
 from fl_sim.report.collect import LABELS, Study
-from fl_sim.report.markdown import difference_cell, markdown_table
+from fl_sim.report.markdown import difference_cell, holm_adjusted, markdown_table
 from fl_sim.report.plots import colors
 from fl_sim.report.uncertainty import (
-    Config, Difference, configuration, difference_of, runs_of, with_holm,
+    Bootstrap, Config, Difference, configuration, difference_of, runs_of,
 )
 from fl_sim.stats import ImageDraws, replicate_metrics
 
@@ -36,15 +36,17 @@ SITES_TEXT = (
     "the global model (FedBN: with the site's BatchNorm layers), the site's own model "
     "(local; FedPer / FedRep: the shared body with the site's head) and its personalized "
     "model (Ditto's personal model; `personalize`: the global model fine-tuned at the "
-    "site). BACC, the mean over seeds; `mean` is the unweighted mean over the sites. The "
+    "site), beside the global model's BACC on the global test set: FLamby's two tables in "
+    "one. BACC, the mean over seeds; `mean of the sites` is the unweighted mean. The "
     "site's predictions stay in the site's folder (in a simulation all on one disk), where "
     "these are computed.")
 PAIRED_SITES_TEXT = (
     "The same against pooled (the pooled run of the same model, optimizer and recipe, else "
     "the one pooled configuration of the model and optimizer): Δ BACC with its paired 95 % "
     "bootstrap interval (the same draws of each site's images, and of the seeds where both "
-    "ran the same) and the p-value Holm-adjusted over every cell of the table; the mean's "
-    "is the mean over the sites of each replicate. **Bold**: distinguishable.")
+    "ran the same) and the p-value Holm-adjusted over every cell of the table; the sites' "
+    "mean's replicate is the mean over the sites of theirs; the global test set's is the "
+    "paired test of the report's other tables. **Bold**: distinguishable.")
 _SERVED = {"pooled": "pooled model", "local": "own model", "fedper": "own head",
            "fedrep": "own head"}
 
@@ -145,66 +147,81 @@ def _differences(a: tuple[list[int], dict[int, SiteScores]],
             for value, ra, rb, n in parts]
 
 
-def sites_plot(labels: list[str], tested: list[list[Difference]], sites: list[int],
+def sites_plot(labels: list[str], tested: list[list[Difference | None]], sites: list[int],
                path: Path) -> Path:
-    """A forest plot of the paired table: a line per comparison, a marker per site (and the
-    sites' mean, black) at Δ BACC with its paired 95 % interval."""
-    fig = Figure(figsize=(8, 1.2 + 0.45 * len(labels) * (len(sites) + 1) ** 0.5),
+    """A forest plot of the paired table: a line per comparison, a marker per test set (the
+    global one hollow, each site's in colour, the sites' mean black) at Δ BACC with its
+    paired 95 % interval."""
+    fig = Figure(figsize=(8, 1.2 + 0.45 * len(labels) * (len(sites) + 2) ** 0.5),
                  layout="constrained")
     ax = fig.subplots()
-    palette = colors([f"client {s}" for s in sites])
-    names = [*(f"client {s}" for s in sites), "mean of the sites"]
-    offsets = np.linspace(-0.3, 0.3, len(names))
-    for k, (name, offset) in enumerate(zip(names, offsets)):
-        ds = [row[k] for row in tested]
-        y = np.arange(len(labels))[::-1] + offset
-        mean = k == len(sites)
+    names = ["global test", *(f"client {s}" for s in sites), "mean of the sites"]
+    palette = {**colors(names[1:-1]), names[0]: "grey", names[-1]: "black"}
+    for k, (name, offset) in enumerate(zip(names, np.linspace(0.3, -0.3, len(names)))):
+        at = [(i, row[k]) for i, row in enumerate(tested) if row[k] is not None]
+        if not at:
+            continue
+        y = len(labels) - 1 - np.array([i for i, _ in at]) + offset
+        ds = [d for _, d in at]
+        bold = k in (0, len(names) - 1)
         ax.errorbar([d.value for d in ds], y, xerr=[[d.value - d.lo for d in ds],
                                                      [d.hi - d.value for d in ds]],
-                    fmt="D" if mean else "o", color="black" if mean else palette[name],
-                    markersize=6 if mean else 4, linewidth=1.6 if mean else 0.9, label=name)
+                    fmt="s" if k == 0 else "D" if bold else "o", color=palette[name],
+                    mfc="white" if k == 0 else palette[name], markersize=6 if bold else 4,
+                    linewidth=1.6 if bold else 0.9, label=name)
     ax.axvline(0, color="black", linewidth=0.8)
     ax.set_yticks(np.arange(len(labels))[::-1], labels, fontsize=8)
-    ax.set_xlabel("Δ BACC against pooled, on each site's own test split (paired 95 % interval)")
+    ax.set_xlabel("Δ BACC against pooled (paired 95 % interval)")
     ax.grid(axis="x", alpha=0.3)
-    fig.legend(loc="outside lower center", ncols=min(len(names), 5), fontsize=8)
-    fig.suptitle("Each site's models against pooled, at each run's best round", fontsize="medium")
+    fig.legend(loc="outside lower center", ncols=min(len(names), 6), fontsize=8)
+    fig.suptitle("Each model against pooled, on the global test set and on each site's own "
+                 "test split, at each run's best round", fontsize="medium")
     fig.savefig(path, dpi=110)
     return path
 
 
-def sites_section(study: Study, out: Path) -> list[str]:
+def sites_section(study: Study, table: pd.DataFrame, boot: Bootstrap, out: Path) -> list[str]:
     """The two tables and the figure (`sites_vs_pooled.png` in `out`); nothing where no run
-    kept its sites' predictions."""
+    kept its sites' predictions. `table` (seed_table) and `boot` give the global test set's
+    column."""
     splits = SiteSplits(study)
     configs = study.runs.drop_duplicates(list(LABELS)).sort_values("run")
     found = [(row, model, per) for _, row in configs.iterrows() for model in ("", PERSONAL)
              if (per := splits.per_seed(configuration(row), model)) is not None]
     if not found:
         return []
+    glob = {configuration(r): r[f"{METRIC}_mean"]
+            for _, r in table[table["test_set"] == "global"].iterrows()}
+
+    def on_global(row: pd.Series, model: str) -> float:
+        return glob.get(configuration(row), np.nan) if model == "" else np.nan
+
     sites = sorted({s for _, _, (_, per) in found for s in per})
-    header = ["strategy", "model", "seeds", *(f"client {s}" for s in sites), "mean"]
+    columns = ["global test", *(f"client {s}" for s in sites), "mean of the sites"]
     values = [[row["strategy"], model_label(row["strategy_name"], model), str(len(seeds)),
+               "—" if np.isnan(on_global(row, model)) else f"{on_global(row, model):.3f}",
                *(f"{per[s].values.mean():.3f}" if s in per else "—" for s in sites),
                f"{np.mean([p.values.mean() for p in per.values()]):.3f}"]
               for row, model, (seeds, per) in found]
-    parts = ["## The sites' own test splits", SITES_TEXT, markdown_table(header, values)]
-    pooled = {configuration(row): per for row, model, per in found
+    parts = ["## The sites' own test splits", SITES_TEXT,
+             markdown_table(["strategy", "model", "seeds", *columns], values)]
+    pooled = {configuration(row): (row, per) for row, model, per in found
               if row["strategy_name"] == "pooled" and model == ""}
     pairs = []
     for row, model, per in found:
         config, ref = configuration(row), _reference(study, row)
         if ref in pooled and ref != config and (
-                tested := _differences(per, pooled[ref], (config, ref), sites)) is not None:
-            pairs.append((row, model, ref, tested))
+                tested := _differences(per, pooled[ref][1], (config, ref), sites)) is not None:
+            gap = on_global(row, model) - on_global(pooled[ref][0], "")
+            overall = None if np.isnan(gap) else boot.difference(config, ref, METRIC, gap)
+            pairs.append((row, model, ref, [overall, *tested]))
     if not pairs:
         return parts
-    adjusted = iter(with_holm([d for *_, tested in pairs for d in tested]))
-    tested = [[next(adjusted) for _ in row[3]] for row in pairs]
+    flat = holm_adjusted([d for *_, tested in pairs for d in tested])
+    tested = [flat[i * len(columns):(i + 1) * len(columns)] for i in range(len(pairs))]
     labels = [f"{row['strategy']} ({model_label(row['strategy_name'], model)}) − {ref[0]}"
               for row, model, ref, _ in pairs]
     figure = sites_plot(labels, tested, sites, out / "sites_vs_pooled.png")
     body = [[label, *map(difference_cell, row)] for label, row in zip(labels, tested)]
-    return [*parts, PAIRED_SITES_TEXT,
-            markdown_table(["comparison", *(f"client {s}" for s in sites), "mean"], body),
+    return [*parts, PAIRED_SITES_TEXT, markdown_table(["comparison", *columns], body),
             f"![sites against pooled]({figure.name})"]
