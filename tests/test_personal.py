@@ -100,6 +100,7 @@ def test_the_private_head_never_leaves_a_client_and_each_evaluates_with_its_own(
     label = {"fedper": "fedper", "fedrep": "fedrep-head1"}[name]
     assert f"| {label} | test_resnet | adamw | client 0 |" in report
     assert "## Skipped runs\n\nNone." in report
+    assert not list((run.run_dir.parent / "report").glob("spider_*.png"))  # no global model
 
 
 def test_fedrep_trains_the_head_alone_then_the_body_alone(tmp_path, monkeypatch):

@@ -199,7 +199,9 @@ def write_figures(rows: pd.DataFrame, table: pd.DataFrame, versus: pd.DataFrame,
     """Every figure of a report into `out`, by kind."""
     palette = colors(list(table["strategy"].unique()))
     figures: dict[str, list[Path]] = {"spider": [], "convergence": [], "clients": [], "pooled": []}
-    for strategy, optimizer in _pairs(table, "strategy", "optimizer"):
+    # A spider of the global test set: none for a strategy without a global model (FedPer).
+    for strategy, optimizer in _pairs(table[table["test_set"] == "global"], "strategy",
+                                      "optimizer"):
         name = slug(strategy, optimizer)
         figures["spider"].append(spider_plot(table, strategy, optimizer, out / f"spider_{name}.png"))
     for model, optimizer in _pairs(table, "model", "optimizer"):
