@@ -4,10 +4,12 @@
 
 Writes a study of `--runs` run folders as fl-sim writes them (pooled, local, FedAvg,
 FedProx and FedAdam, seeds until the count is reached; config.yaml, metrics.jsonl,
-summary.json, and predictions/ of every round for a global test set of `--images` images
-of HAM10000's class mix), then times `write_report` on it twice: with the predictions (the
-bootstrap: intervals, paired tests, convergence bands) and on a copy without them (the
-report as it was). Prints a Markdown table of both and the difference.
+summary.json, predictions/ of every round for a global test set of `--images` images of
+HAM10000's class mix, and each client's clients/<k>/predictions/ of every round for a test
+split of a fifth as many), then times `write_report` on three copies: without any
+predictions (the report as it was), with the global test set's only (intervals, paired
+tests, convergence bands), and with the clients' too (the sites' tables). Prints a
+Markdown table of the three and the differences.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import yaml
 from fl_sim.config import RunConfig, run_name
 from fl_sim.metrics import classification_metrics
 from fl_sim.report import write_report
-from fl_sim.server.predictions import save_predictions
+from fl_sim.predictions import CLIENTS as CLIENT_FOLDERS, client_folder, save_predictions
 
 STRATEGIES = ({"name": "pooled"}, {"name": "local"}, {"name": "fedavg"},
               {"name": "fedprox", "proximal_mu": 0.01}, {"name": "fedadam"})
@@ -53,6 +55,7 @@ def write_run(study: Path, strategy: dict, seed: int, labels: np.ndarray, rounds
     ids = np.array([f"img{i:05d}" for i in range(len(labels))])
     models = CLIENTS if strategy["name"] == "local" else 1
     rows = []
+    split = len(labels) // 5  # each client's own test split
     for r in range(rounds + 1):
         skill = SKILL[strategy["name"]] * r / rounds
         probs = [probabilities(labels, skill, rng) for _ in range(models)]
@@ -61,6 +64,10 @@ def write_run(study: Path, strategy: dict, seed: int, labels: np.ndarray, rounds
         glob = {k: float(np.mean([s[k] for s in scores])) for k in scores[0]}
         rows.append({"round": r, "scope": "global", "client": None, "split": "test", **glob})
         if r:
+            for c in range(CLIENTS):
+                own = slice(c * split, (c + 1) * split)
+                save_predictions(client_folder(run_dir, c), r, ids[own], labels[own],
+                                 [probabilities(labels[own], skill, rng)])
             rows += [{"round": r, "scope": "client", "client": c, "split": s, **glob}
                      for c in range(CLIENTS) for s in ("val", "test")]
             rows.append({"round": r, "scope": "federated", "client": None, "split": "val", **glob})
@@ -89,16 +96,20 @@ def main() -> None:
                                  for s in STRATEGIES), args.runs)
         for strategy, seed in grid:
             write_run(study, strategy, seed, labels, args.rounds)
-        without = Path(tmp) / "bench-plain"
-        shutil.copytree(study, without)
-        for folder in without.glob("*/predictions"):
-            shutil.rmtree(folder)
-        plain, intervals = timed_report(without), timed_report(study)
+        without, server_only = Path(tmp) / "bench-plain", Path(tmp) / "bench-global"
+        for copy, removed in ((without, ("predictions", CLIENT_FOLDERS)),
+                              (server_only, (CLIENT_FOLDERS,))):
+            shutil.copytree(study, copy)
+            for folder in (f for name in removed for f in copy.glob(f"*/{name}")):
+                shutil.rmtree(folder)
+        plain, intervals, sites = (timed_report(s) for s in (without, server_only, study))
     print(f"| report of {args.runs} runs, {args.images} test images, {args.rounds} rounds "
           "| seconds |\n|---|---|")
     print(f"| without predictions (no intervals) | {plain:.1f} |")
     print(f"| with intervals and paired tests | {intervals:.1f} |")
+    print(f"| and the sites' tables ({CLIENTS} clients' own splits) | {sites:.1f} |")
     print(f"| added by the bootstrap | {intervals - plain:+.1f} |")
+    print(f"| added by the sites' tables | {sites - intervals:+.1f} |")
 
 
 if __name__ == "__main__":
