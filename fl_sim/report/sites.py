@@ -152,7 +152,7 @@ def sites_plot(labels: list[str], tested: list[list[Difference | None]], sites: 
     """A forest plot of the paired table: a line per comparison, a marker per test set (the
     global one hollow, each site's in colour, the sites' mean black) at Δ BACC with its
     paired 95 % interval."""
-    fig = Figure(figsize=(8, 1.2 + 0.45 * len(labels) * (len(sites) + 2) ** 0.5),
+    fig = Figure(figsize=(9, 1.2 + 0.45 * len(labels) * (len(sites) + 2) ** 0.5),
                  layout="constrained")
     ax = fig.subplots()
     names = ["global test", *(f"client {s}" for s in sites), "mean of the sites"]
@@ -221,7 +221,9 @@ def sites_section(study: Study, table: pd.DataFrame, boot: Bootstrap, out: Path)
     tested = [flat[i * len(columns):(i + 1) * len(columns)] for i in range(len(pairs))]
     labels = [f"{row['strategy']} ({model_label(row['strategy_name'], model)}) − {ref[0]}"
               for row, model, ref, _ in pairs]
-    figure = sites_plot(labels, tested, sites, out / "sites_vs_pooled.png")
+    figure = sites_plot([f"{row['strategy']}\n{model_label(row['strategy_name'], model)} − "
+                         f"{ref[0]}" for row, model, ref, _ in pairs],
+                        tested, sites, out / "sites_vs_pooled.png")
     body = [[label, *map(difference_cell, row)] for label, row in zip(labels, tested)]
     return [*parts, PAIRED_SITES_TEXT, markdown_table(["comparison", *columns], body),
             f"![sites against pooled]({figure.name})"]
