@@ -37,6 +37,7 @@ from fl_sim.models.finetune import load_weights, travelling_state
 from fl_sim.predictions import PERSONAL, SplitStore
 from fl_sim.privacy.central import NORM_BIT, clip_update, wants_clipping
 from fl_sim.task import client_rng, device, load_data, load_model, model_frozen_digest
+from fl_sim.wire import CLIENT_STORE
 
 app = ClientApp()
 
@@ -128,11 +129,11 @@ def _setup(msg: Message, context: Context, own_layers: bool = True):
 
 def _kept(config: ConfigRecord, pid: int, model: str = "") -> SplitStore | None:
     """Where this client keeps its test split's predictions of the message's model: the
-    folder a simulation names for it (`client-store`, on the disk every simulated client
+    folder a simulation names for it (CLIENT_STORE, on the disk every simulated client
     shares with the server); None in a deployment."""
-    if "client-store" not in config:
+    if CLIENT_STORE not in config:
         return None
-    return SplitStore(Path(str(config["client-store"])) / str(pid), int(config["server-round"]),
+    return SplitStore(Path(str(config[CLIENT_STORE])) / str(pid), int(config["server-round"]),
                       model)
 
 

@@ -54,7 +54,7 @@ from fl_sim.strategies import build_strategy
 from fl_sim.strategies.registry import sample_size
 from fl_sim.task import build_model, check_input_size, load_data
 from fl_sim.tracking import open_mirror
-from fl_sim.wire import WEIGHT_KEY
+from fl_sim.wire import CLIENT_STORE, WEIGHT_KEY
 
 
 logger = logging.getLogger(__name__)  # (`log` is a RunLog throughout)
@@ -407,7 +407,7 @@ class FederatedRun:
         file. Whatever stops it (also Ctrl-C: `stop_requested`, a failed client) takes back
         the rows of the round it cut: a rerun resumes from the last saved round."""
         if isinstance(grid, InMemoryGrid):  # simulated clients share this disk
-            self.config["client-store"] = str(self.run_dir / CLIENTS)
+            self.config[CLIENT_STORE] = str(self.run_dir / CLIENTS)
         ckpt = self.checkpoints.load_last()
         # The round last.pt holds, and the one being written and not saved yet (if any).
         saved = ckpt["state"] if ckpt else {"round": 0, "stopped": None}

@@ -18,9 +18,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 
 from fl_sim.arrays import array_view, is_float, is_packed, layout, npy_header
-from fl_sim.wire import NAMES
 from fl_sim.server.rows import TRAIN_METRICS
 from fl_sim.strategies.scaffold import CONTROL, DELTA
+from fl_sim.wire import NAMES, SIMULATION_ONLY
 
 # A reply may be this many times the bytes of the message it answers, plus a slack for
 # metrics: a train reply is the model's size, an evaluate reply a few numbers.
@@ -129,12 +129,15 @@ def masked_refusal(reply: Message, sent: Message, weight_key: str,
 
 
 def payload_bytes(msg: Message) -> int:
-    """Bytes of a message's records as Flower counts them (array data, metric and config values)."""
+    """Bytes of a message's records as Flower counts them (array data, metric and config
+    values), less a simulation's own keys (SIMULATION_ONLY): what a deployment sends."""
     return sum(_record_bytes(record) for record in msg.content.values())
 
 
 def _record_bytes(record: ArrayRecord | MetricRecord | ConfigRecord) -> int:
     # Flower's count fails on an empty list, which SecAgg+'s stages send (no dead node).
-    if isinstance(record, ConfigRecord) and any(v == [] for v in record.values()):
-        record = ConfigRecord({k: v for k, v in record.items() if v != []})
+    if isinstance(record, ConfigRecord) and any(v == [] or k in SIMULATION_ONLY
+                                                for k, v in record.items()):
+        record = ConfigRecord({k: v for k, v in record.items()
+                               if v != [] and k not in SIMULATION_ONLY})
     return record.count_bytes()
