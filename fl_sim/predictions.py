@@ -17,6 +17,7 @@ personalized one) is kept beside the first, under its name (`personalized_round_
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,11 @@ class Predictions:
     @property
     def models(self) -> int:
         return len(self.decisions)
+
+    @property
+    def images(self) -> str:
+        """A digest of the image ids: two files of the same test set have the same one."""
+        return hashlib.sha1("\n".join(self.image_ids).encode()).hexdigest()
 
 
 def predictions_path(folder: Path, server_round: int, model: str = "") -> Path:

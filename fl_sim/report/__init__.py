@@ -41,9 +41,8 @@ def write_report(study_dir: Path, note: Callable[[str], None] | None = None) -> 
     table.to_csv(out / "test_metrics.csv", index=False)
     versus = versus_pooled(table, study.runs)
     figures = write_figures(study.rows, table, versus, boot, out)
-    extra = [*sites_section(study, table, boot, out), *personalization_section(study), *cross_site_section(study),
-             *privacy_section(study, out),
-             *probes_section(study)]
+    extra = [*sites_section(study, table, boot, out), *personalization_section(study),
+             *cross_site_section(study), *privacy_section(study, out), *probes_section(study)]
     (out / "report.md").write_text(render(study, table, versus, boot, figures, extra),
                                    encoding="utf-8")
     if (study.folder / STORE).exists():  # the study tracks with MLflow

@@ -12,7 +12,6 @@ clients kept their predictions have no row here.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,8 +101,7 @@ class SiteSplits:
         reps = replicate_metrics(found.labels, found.decisions[0], None, self._draws[site, n],
                                  classes)[METRIC]
         value = classification_metrics(found.labels, found.decisions[0], classes)[METRIC]
-        images = hashlib.sha1("\n".join(found.image_ids).encode()).hexdigest()
-        return SiteScores(images, n, np.array([value]), reps[None])
+        return SiteScores(found.images, n, np.array([value]), reps[None])
 
     def per_seed(self, config: Config, model: str
                  ) -> tuple[list[int], dict[int, SiteScores]] | None:

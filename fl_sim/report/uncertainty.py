@@ -10,7 +10,6 @@ split is never resampled here: its interval is the one the client sent (`<metric
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass, replace
 
@@ -108,8 +107,7 @@ class Bootstrap:
         per_model = [replicate_metrics(found.labels, found.decisions[m],
                                        found.probs[m] if auroc else None, draws, classes)
                      for m in range(found.models)]
-        images = hashlib.sha1("\n".join(found.image_ids).encode()).hexdigest()
-        return Replicates(images, n, {k: np.mean([r[k] for r in per_model], axis=0)
+        return Replicates(found.images, n, {k: np.mean([r[k] for r in per_model], axis=0)
                                       for k in per_model[0]})
 
     def _per_seed(self, config: Config, server_round: int | None, auroc: bool = True

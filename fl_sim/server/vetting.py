@@ -136,8 +136,8 @@ def payload_bytes(msg: Message) -> int:
 
 def _record_bytes(record: ArrayRecord | MetricRecord | ConfigRecord) -> int:
     # Flower's count fails on an empty list, which SecAgg+'s stages send (no dead node).
-    if isinstance(record, ConfigRecord) and any(v == [] or k in SIMULATION_ONLY
-                                                for k, v in record.items()):
-        record = ConfigRecord({k: v for k, v in record.items()
-                               if v != [] and k not in SIMULATION_ONLY})
+    if isinstance(record, ConfigRecord):
+        counted = {k: v for k, v in record.items() if v != [] and k not in SIMULATION_ONLY}
+        if len(counted) < len(record):
+            record = ConfigRecord(counted)
     return record.count_bytes()
